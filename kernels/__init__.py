@@ -1,0 +1,1 @@
+"""Pallas kernels behind plt_jax.attention (registered on import)."""

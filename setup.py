@@ -1,0 +1,36 @@
+"""plt_jax: Parallel Loop Transformers (LoopCoder-v2 architecture) in JAX / Flax NNX."""
+from setuptools import find_packages, setup
+
+JAX = [
+    # jax 0.10.x is the newest on Python 3.11; 0.11+ (Python >= 3.12) is supported too.
+    'jax>=0.10.2',
+    'flax>=0.12.8',
+    'optax>=0.2.8',
+    'orbax-checkpoint>=0.12.8',
+    'grain>=0.2.18',
+    'ml-collections>=1.1.0',
+    'absl-py>=2.1',
+    'chex',
+    'numpy>=2.0',
+    'tokenizers>=0.22',
+    'safetensors>=0.6',
+    'pyarrow',
+    'tqdm',
+    'matplotlib',
+    'tensorboardX',
+]
+
+setup(
+    name='plt_jax',
+    version='0.1.0',
+    description='Parallel Loop Transformers in JAX/Flax: pretraining, decoding, export',
+    python_requires='>=3.11',
+    packages=find_packages(include=['plt_jax', 'plt_jax.*', 'kernels', 'kernels.*',
+                                    'experiments', 'experiments.*', 'configs', 'configs.*']),
+    install_requires=JAX,
+    extras_require={
+        # PyTorch / Hugging Face side (export, import, parity tests). Pin torch: see README.
+        'torch': ['torch==2.13.0', 'transformers>=5.0', 'accelerate'],
+        'test': ['pytest', 'pytest-xdist', 'nbclient', 'nbformat', 'ipykernel'],
+    },
+)
