@@ -46,6 +46,21 @@ def logits_of(model, tokens, positions=None, segment_ids=None):
   return forward_fn(graphdef)(state, tokens, positions, segment_ids)
 
 
+@functools.lru_cache(maxsize=None)
+def loops_fn(graphdef):
+  @jax.jit
+  def f(state, tokens, positions):
+    return nnx.merge(graphdef, state)(tokens, positions, return_loops=True)
+  return f
+
+
+def loops_of(model, tokens, positions=None):
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  graphdef, state = nnx.split(model)
+  return loops_fn(graphdef)(state, tokens, positions)
+
+
 def tokens(batch=2, seq=SEQ, seed=1):
   return jax.random.randint(jax.random.key(seed), (batch, seq), 0, TINY['vocab_size'])
 
@@ -152,7 +167,7 @@ def test_loop_input_is_shifted_normalized_output(normalize):
   model = make(num_loops=3, normalize_per_loop=normalize)
   toks = tokens(batch=2)
   pos = jnp.asarray(np.tile(np.r_[np.arange(6), np.arange(7)], (2, 1)))
-  _, loops = model(toks, pos, return_loops=True)
+  _, loops = loops_of(model, toks, pos)
   e = model.embed_tokens(toks)
   a, b = model.cfg.emb_scale, model.cfg.hidden_scale
   for r in (1, 2):
@@ -179,7 +194,7 @@ def test_shift_right_masks_document_starts():
 def test_fresh_gate_mixes_half_half(gate_mode):
   cfg = ModelConfig(**{**TINY, 'num_loops': 2, 'gate_mode': gate_mode})
   model = PLT(cfg, nnx.Rngs(0))  # untouched init
-  _, loops = model(tokens(), return_loops=True)
+  _, loops = loops_of(model, tokens())
   for lo in loops[1].layers:
     np.testing.assert_array_equal(np.asarray(lo.gate), 0.5)
   # And the mix is then the plain average of the two branches.
@@ -243,7 +258,7 @@ def test_key_outside_window_changes_only_global_branch():
 def test_gate_modes_are_wired():
   for mode in ('hidden', 'query'):
     model = make(num_loops=2, gate_mode=mode)
-    _, loops = model(tokens(), return_loops=True)
+    _, loops = loops_of(model, tokens())
     g = np.asarray(loops[1].layers[0].gate)
     assert g.shape == (2, SEQ, 4) and g.std() > 1e-3 and ((g > 0) & (g < 1)).all()
 
@@ -252,7 +267,7 @@ def test_vanilla_differs_from_plt_and_has_no_gate():
   toks = tokens()
   v = make(num_loops=2, loop_mode='vanilla')
   assert not hasattr(v.layers[0].self_attn.plt_gate, 'weight')
-  _, loops = v(toks, return_loops=True)
+  _, loops = loops_of(v, toks)
   np.testing.assert_array_equal(np.asarray(loops[1].inputs), np.asarray(loops[0].hidden))
   p = make(num_loops=2, loop_mode='plt')
   assert float(jnp.abs(logits_of(v, toks) - logits_of(p, toks)).max()) > 1e-3
