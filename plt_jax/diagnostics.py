@@ -1,0 +1,325 @@
+"""Per-loop diagnostics of a looped model (LoopCoder-v2 section 3.2; table in shared/design/plt.md).
+
+Notation: h_0 = the loop-1 input E, h_r = output of loop r (r = 1..R). Every metric is a mean over
+valid tokens of held-out text (segment_ids > 0); `loop_diagnostics` returns sums and counts so that
+batches can be accumulated exactly, and `finalize` turns them into per-loop means.
+
+| key | per loop r | definition |
+|---|---|---|
+| step_size | 1..R | ||h_r - h_{r-1}|| |
+| alignment | 2..R | cos(h_r - h_{r-1}, h_{r-1} - h_{r-2}); negative = oscillation |
+| effective_rank | 1..R | exp(entropy(singular values / sum)) of RMS-normalised [S, d] states, per row |
+| fixed_point_gap | 1..R | ||h_r - F(h_r)||, F = one more loop with the same CLP / G-SWA context |
+| offset_cost | 2..R | mean_i ||h_{r-1}[i] - h_{r-1}[i-1]|| within a document: what the shift costs |
+| attn_entropy | 1..R | -sum_k A log A per query and head (mean over layers, heads, queries) |
+| attn_kl | 2..R | KL(A_r || A_{r-1}); for G-SWA A = g A_glob + (1 - g) A_loc |
+| gate | 2..R x L | mean gate per loop and layer |
+| lens_kl | 2..R | KL(p_r || p_{r-1}), p_r = softmax(Head(Norm_f(h_r))) |
+| lens_entropy | 1..R | entropy of p_r |
+| lens_rank | 1..R | mean rank of the true next token under p_r (0 = top-1) |
+| lens_top1 | 1..R | fraction where the true next token is top-1 |
+Loops for which a metric is undefined hold NaN, so every list has length R.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Any, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+_EPS = 1e-30
+
+
+# --- metric primitives (pure functions; tested on constructed inputs) ---------------------------
+def effective_rank(x_SD: Array, mask_S: Optional[Array] = None) -> Array:
+  """exp(-sum p log p), p = singular values / their sum. Masked rows are zeroed (no effect)."""
+  x = x_SD.astype(jnp.float32)
+  if mask_S is not None:
+    x = x * mask_S[:, None]
+  s = jnp.linalg.svd(x, compute_uv=False)
+  p = s / jnp.maximum(jnp.sum(s), _EPS)
+  return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, _EPS)), 0.0)))
+
+
+def rms_normalize(x: Array) -> Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
+
+def kl_divergence(p: Array, q: Array, axis: int = -1) -> Array:
+  """KL(p || q) along `axis` for probability tensors (0 log 0 = 0)."""
+  p = p.astype(jnp.float32)
+  q = q.astype(jnp.float32)
+  terms = jnp.where(p > 0, p * (jnp.log(jnp.maximum(p, _EPS)) - jnp.log(jnp.maximum(q, _EPS))), 0.)
+  return jnp.sum(terms, axis=axis)
+
+
+def entropy(p: Array, axis: int = -1) -> Array:
+  p = p.astype(jnp.float32)
+  return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, _EPS)), 0.0), axis=axis)
+
+
+def step_sizes(states: list[Array]) -> list[Array]:
+  """||h_r - h_{r-1}|| per token for r = 1..len(states)-1; states[0] is h_0."""
+  return [jnp.linalg.norm((states[r] - states[r - 1]).astype(jnp.float32), axis=-1)
+          for r in range(1, len(states))]
+
+
+def cosine(a: Array, b: Array) -> Array:
+  a = a.astype(jnp.float32)
+  b = b.astype(jnp.float32)
+  return jnp.sum(a * b, -1) / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1),
+                                          1e-12)
+
+
+def alignments(states: list[Array]) -> list[Array]:
+  """cos(h_r - h_{r-1}, h_{r-1} - h_{r-2}) per token for r = 2..len(states)-1."""
+  return [cosine(states[r] - states[r - 1], states[r - 1] - states[r - 2])
+          for r in range(2, len(states))]
+
+
+def offset_cost(h_BSD: Array, positions_BS: Array) -> tuple[Array, Array]:
+  """Per-token ||h[i] - h[i-1]|| and its validity mask (i is not a document start)."""
+  diff = h_BSD[:, 1:] - h_BSD[:, :-1]
+  d = jnp.linalg.norm(diff.astype(jnp.float32), axis=-1)
+  d = jnp.pad(d, ((0, 0), (1, 0)))
+  return d, positions_BS > 0
+
+
+def true_token_rank(logits_BSV: Array, targets_BS: Array) -> Array:
+  """Number of vocabulary entries scoring strictly higher than the true token (0 = top-1)."""
+  true = jnp.take_along_axis(logits_BSV, targets_BS[..., None], axis=-1)
+  return jnp.sum(logits_BSV > true, axis=-1)
+
+
+# --- the model-level pass ------------------------------------------------------------------------
+def _mixed_probs(layer_out) -> Array:
+  """Attention distribution over keys for one layer: plain, or g*A_glob + (1-g)*A_loc."""
+  if isinstance(layer_out.probs, tuple):
+    p_glob, p_loc = layer_out.probs
+    g = jnp.transpose(layer_out.gate, (0, 2, 1))[..., None]  # [B, H, S, 1]
+    return g * p_glob + (1.0 - g) * p_loc
+  return layer_out.probs
+
+
+def loop_diagnostics(model, batch: dict[str, Array]) -> dict[str, Array]:
+  """Sums (and counts) of every diagnostic for one batch. Run under jit (see `make_diagnose_fn`)."""
+  cfg = model.cfg
+  tokens, positions = batch['inputs'], batch['positions']
+  seg = batch.get('segment_ids')
+  valid = (seg > 0) if seg is not None else jnp.ones(tokens.shape, bool)
+  targets = batch.get('targets', jnp.roll(tokens, -1, axis=1))
+  lmask = batch.get('loss_mask', valid.astype(jnp.float32)) > 0
+  vf = valid.astype(jnp.float32)
+  n_valid = jnp.sum(vf)
+  R = cfg.num_loops
+
+  _, loops = model(tokens, positions, seg, return_loops=True, capture_attention=True)
+  e = model.embed(tokens)
+  states = [e] + [lo.hidden for lo in loops]
+  nan = jnp.float32(jnp.nan)
+  out: dict[str, Any] = {'count_tokens': n_valid, 'count_lens': jnp.sum(lmask.astype(jnp.float32))}
+
+  def msum(x, m=vf):
+    return jnp.sum(x * m)
+
+  out['step_size'] = jnp.stack([msum(d) for d in step_sizes(states)])
+  out['alignment'] = jnp.stack([nan] + [msum(c) for c in alignments(states)])
+
+  # Effective rank per row (over valid tokens), summed over rows.
+  rows = jnp.float32(tokens.shape[0])
+  out['effective_rank'] = jnp.stack([
+      jnp.sum(jax.vmap(effective_rank)(rms_normalize(h), vf)) for h in states[1:]])
+  out['count_rows'] = rows
+
+  # Fixed-point gap: for r < R, F(h_r) = h_{r+1}; the last loop gets one extra loop.
+  global_kv = None
+  if cfg.loop_mode == 'plt' and R > 1:
+    global_kv = [(lo.k, lo.v) for lo in loops[0].layers]
+  if R == 1:  # an extra loop of a 1-loop PLT model has no gate; use the plain causal pass
+    x_extra = model.loop_input(e, states[-1], positions) if cfg.loop_mode == 'plt' else states[-1]
+    extra = model.run_loop(x_extra, positions, seg, None).hidden
+  else:
+    extra = model.run_loop(model.loop_input(e, states[-1], positions), positions, seg,
+                           global_kv).hidden
+  nxt = states[2:] + [extra]
+  out['fixed_point_gap'] = jnp.stack([
+      msum(jnp.linalg.norm((states[r] - nxt[r - 1]).astype(jnp.float32), axis=-1))
+      for r in range(1, R + 1)])
+
+  oc = []
+  for r in range(1, R + 1):
+    if r == 1:
+      oc.append(nan)
+      continue
+    d, m = offset_cost(states[r - 1], positions)
+    oc.append(msum(d, (m & valid).astype(jnp.float32)))
+  out['offset_cost'] = jnp.stack(oc)
+  out['count_offset'] = jnp.sum(((positions > 0) & valid).astype(jnp.float32))
+
+  # Attention: entropy and inter-loop KL, mean over layers and heads, summed over valid queries.
+  probs = [[_mixed_probs(lo) for lo in loop.layers] for loop in loops]  # [R][L] of [B,H,S,T]
+  qmask = vf[:, None, :]
+  n_lh = len(model.layers) * cfg.num_heads
+  out['attn_entropy'] = jnp.stack([
+      sum(jnp.sum(entropy(p) * qmask) for p in probs[r]) / n_lh for r in range(R)])
+  out['attn_kl'] = jnp.stack([nan] + [
+      sum(jnp.sum(kl_divergence(probs[r][j], probs[r - 1][j]) * qmask)
+          for j in range(len(model.layers))) / n_lh for r in range(1, R)])
+
+  # Gates [R, L]: NaN for loop 1 (and for models without gates).
+  gates = []
+  for r, loop in enumerate(loops):
+    row = []
+    for lo in loop.layers:
+      if lo.gate is None:
+        row.append(nan)
+      else:
+        row.append(jnp.sum(jnp.mean(lo.gate, axis=-1) * vf))
+    gates.append(jnp.stack(row))
+  out['gate'] = jnp.stack(gates)
+
+  # Logit lens.
+  lm = lmask.astype(jnp.float32)
+  logps = [jax.nn.log_softmax(model.head(h), axis=-1) for h in states[1:]]
+  ps = [jnp.exp(lp) for lp in logps]
+  out['lens_entropy'] = jnp.stack([jnp.sum(entropy(p) * lm) for p in ps])
+  out['lens_kl'] = jnp.stack([nan] + [jnp.sum(kl_divergence(ps[r], ps[r - 1]) * lm)
+                                       for r in range(1, R)])
+  ranks = [true_token_rank(lp, targets) for lp in logps]
+  out['lens_rank'] = jnp.stack([jnp.sum(rk.astype(jnp.float32) * lm) for rk in ranks])
+  out['lens_top1'] = jnp.stack([jnp.sum((rk == 0).astype(jnp.float32) * lm) for rk in ranks])
+  out['lens_nll'] = jnp.stack([-jnp.sum(jnp.take_along_axis(lp, targets[..., None], -1)[..., 0] * lm)
+                               for lp in logps])
+  return out
+
+
+_DENOM = {
+    'step_size': 'count_tokens', 'alignment': 'count_tokens', 'effective_rank': 'count_rows',
+    'fixed_point_gap': 'count_tokens', 'offset_cost': 'count_offset',
+    'attn_entropy': 'count_tokens', 'attn_kl': 'count_tokens', 'gate': 'count_tokens',
+    'lens_entropy': 'count_lens', 'lens_kl': 'count_lens', 'lens_rank': 'count_lens',
+    'lens_top1': 'count_lens', 'lens_nll': 'count_lens',
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted(graphdef):
+  # Attention capture always uses the reference path, so the 'xla' impl is forced inside the model.
+  return jax.jit(lambda state, batch: loop_diagnostics(nnx.merge(graphdef, state), batch))
+
+
+def accumulate(model, batches: Iterable[dict]) -> dict[str, np.ndarray]:
+  graphdef, state = nnx.split(model)
+  fn = _jitted(graphdef)
+  total = None
+  for batch in batches:
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    sums = jax.device_get(fn(state, b))
+    total = sums if total is None else jax.tree.map(np.add, total, sums)
+  if total is None:
+    raise ValueError('diagnostics: no batches given')
+  return total
+
+
+def finalize(sums: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Per-loop means as plain lists (NaN where undefined) plus token counts."""
+  out: dict[str, Any] = {}
+  for k, denom in _DENOM.items():
+    out[k] = (np.asarray(sums[k], np.float64) / max(float(sums[denom]), 1.0)).tolist()
+  out['lens_perplexity'] = [math.exp(x) for x in out.pop('lens_nll')]
+  out['tokens'] = int(sums['count_tokens'])
+  return out
+
+
+def diagnose(model, batches: Iterable[dict]) -> dict[str, Any]:
+  """All diagnostics for a model over held-out batches (dicts with inputs/positions/...)."""
+  res = finalize(accumulate(model, batches))
+  res['num_loops'] = model.cfg.num_loops
+  res['loop_mode'] = model.cfg.loop_mode
+  return res
+
+
+# --- output ----------------------------------------------------------------------------------------
+FAMILIES = {
+    'dynamics': [('step_size', 'step size ||h_r - h_{r-1}||'),
+                 ('alignment', 'update alignment cos'),
+                 ('fixed_point_gap', 'fixed-point gap ||h_r - F(h_r)||'),
+                 ('offset_cost', 'offset cost Omega(r)')],
+    'representation': [('effective_rank', 'effective rank')],
+    'attention': [('attn_entropy', 'attention entropy (nats)'),
+                  ('attn_kl', 'KL(A_r || A_{r-1})')],
+    'gates': [('gate', 'mean gate per layer')],
+    'logit_lens': [('lens_kl', 'KL(p_r || p_{r-1})'), ('lens_entropy', 'entropy of p_r'),
+                   ('lens_rank', 'mean rank of true token'), ('lens_perplexity', 'perplexity')],
+}
+
+
+def _json_safe(x):
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, list):
+    return [_json_safe(v) for v in x]
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  return x
+
+
+def write_report(results: dict[str, Any], out_dir: str, title: str = '') -> list[str]:
+  """Writes diagnostics.json and one PNG per family (loops on the x-axis). Returns the paths."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  os.makedirs(out_dir, exist_ok=True)
+  paths = [os.path.join(out_dir, 'diagnostics.json')]
+  with open(paths[0], 'w') as f:
+    json.dump(_json_safe(results), f, indent=2)
+  R = results['num_loops']
+  loops = np.arange(1, R + 1)
+  for family, metrics in FAMILIES.items():
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics):
+      vals = np.asarray(results[key], dtype=np.float64)
+      if key == 'gate':
+        for j in range(vals.shape[1]):
+          ax.plot(loops, vals[:, j], marker='o', label=f'layer {j}')
+        ax.axhline(0.5, color='gray', lw=0.8, ls='--')
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+      else:
+        ax.plot(loops, vals, marker='o')
+      if key == 'alignment':
+        ax.axhline(0.0, color='gray', lw=0.8, ls='--')
+      ax.set_title(label, fontsize=10)
+      ax.set_xlabel('loop r')
+      ax.set_xticks(loops)
+      ax.grid(alpha=0.3)
+    fig.suptitle(f'{title} {family}'.strip())
+    fig.tight_layout()
+    path = os.path.join(out_dir, f'diagnostics_{family}.png')
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """A per-loop text table for the terminal."""
+  keys = ['step_size', 'alignment', 'effective_rank', 'fixed_point_gap', 'offset_cost',
+          'attn_entropy', 'attn_kl', 'lens_kl', 'lens_entropy', 'lens_rank', 'lens_perplexity']
+  R = results['num_loops']
+  head = f"{'metric':<18}" + ''.join(f'{"loop " + str(r):>12}' for r in range(1, R + 1))
+  lines = [head, '-' * len(head)]
+  for k in keys:
+    lines.append(f'{k:<18}' + ''.join(f'{v:>12.4g}' for v in results[k]))
+  gates = np.asarray(results['gate'])
+  lines.append(f"{'mean gate':<18}" + ''.join(f'{np.nanmean(g) if np.isfinite(g).any() else float("nan"):>12.4g}' for g in gates))
+  return '\n'.join(lines)

@@ -1,0 +1,140 @@
+"""Loop diagnostics: primitives on constructed inputs, then a tiny trained model end to end."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from plt_jax import diagnostics as dg
+from plt_jax.config import ModelConfig
+from plt_jax.model import PLT
+
+
+@pytest.mark.parametrize('k', [1, 3, 7])
+def test_effective_rank_of_orthogonal_equal_norm_rows(k):
+  q, _ = np.linalg.qr(np.random.default_rng(k).normal(size=(12, 12)))
+  x = 2.5 * q[:k]                       # k orthonormal directions, equal norms
+  x = np.concatenate([x, np.zeros((3, 12))])  # padding rows change nothing
+  assert float(dg.effective_rank(jnp.asarray(x))) == pytest.approx(k, rel=1e-5)
+  # Unequal norms give less than k.
+  if k > 1:
+    y = x.copy()
+    y[0] *= 10
+    assert float(dg.effective_rank(jnp.asarray(y))) < k - 0.5
+
+
+def test_effective_rank_mask_drops_rows():
+  x = np.random.default_rng(0).normal(size=(6, 5))
+  full = float(dg.effective_rank(jnp.asarray(x[:3])))
+  masked = float(dg.effective_rank(jnp.asarray(x), jnp.asarray([1., 1., 1., 0., 0., 0.])))
+  assert masked == pytest.approx(full, rel=1e-5)
+
+
+def test_kl_and_entropy():
+  p = jax.nn.softmax(jax.random.normal(jax.random.key(0), (4, 9)))
+  np.testing.assert_allclose(np.asarray(dg.kl_divergence(p, p)), 0.0, atol=1e-6)
+  q = jnp.full((9,), 1 / 9)
+  # KL(p || uniform) = log 9 - H(p).
+  np.testing.assert_allclose(np.asarray(dg.kl_divergence(p, q)),
+                             math.log(9) - np.asarray(dg.entropy(p)), atol=1e-5)
+  assert float(dg.entropy(jnp.asarray([0.5, 0.5, 0.0]))) == pytest.approx(math.log(2))
+  assert float(dg.kl_divergence(jnp.asarray([1.0, 0.0]), jnp.asarray([0.5, 0.5]))) == \
+      pytest.approx(math.log(2))
+
+
+def test_step_size_and_alignment_on_hand_made_states():
+  # h0=(0,0) -> h1=(3,4) -> h2=(0,0) -> h3=(0,1): steps 5, 5, 1;
+  # cos(h2-h1, h1-h0) = -1 (pure oscillation); cos(h3-h2, h2-h1) = (0*-3 + 1*-4)/(1*5) = -0.8.
+  pts = [(0., 0.), (3., 4.), (0., 0.), (0., 1.)]
+  states = [jnp.asarray([[p]]) for p in pts]  # [B=1, S=1, D=2]
+  np.testing.assert_allclose([float(s[0, 0]) for s in dg.step_sizes(states)], [5, 5, 1])
+  np.testing.assert_allclose([float(c[0, 0]) for c in dg.alignments(states)], [-1.0, -0.8],
+                             atol=1e-6)
+
+
+def test_offset_cost_respects_document_starts():
+  h = jnp.asarray([[[0., 0.], [3., 4.], [3., 5.], [9., 9.]]])
+  pos = jnp.asarray([[0, 1, 2, 0]])
+  d, m = dg.offset_cost(h, pos)
+  np.testing.assert_allclose(np.asarray(d[0, 1:3]), [5.0, 1.0])
+  np.testing.assert_array_equal(np.asarray(m[0]), [False, True, True, False])
+
+
+def test_true_token_rank():
+  logits = jnp.asarray([[[0.1, 2.0, 0.5, 3.0]]])
+  assert dg.true_token_rank(logits, jnp.asarray([[3]]))[0, 0] == 0
+  assert dg.true_token_rank(logits, jnp.asarray([[2]]))[0, 0] == 2
+
+
+CFG = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
+           window_size=3)
+
+
+def _batches(n=2, b=2, s=17, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    toks = rng.integers(0, CFG['vocab_size'], size=(b, s + 1))
+    pos = np.tile(np.r_[np.arange(7), np.arange(s - 7)], (b, 1))
+    seg = np.tile(np.r_[np.ones(7), 2 * np.ones(s - 9), np.zeros(2)], (b, 1)).astype(np.int32)
+    out.append({'inputs': toks[:, :-1], 'targets': toks[:, 1:], 'positions': pos,
+                'segment_ids': seg, 'loss_mask': (seg > 0).astype(np.float32)})
+  return out
+
+
+def test_fresh_model_gate_is_half():
+  model = PLT(ModelConfig(**CFG, num_loops=3), nnx.Rngs(0))
+  res = dg.diagnose(model, _batches(n=1))
+  gates = np.asarray(res['gate'])
+  assert np.isnan(gates[0]).all()
+  np.testing.assert_allclose(gates[1:], 0.5, atol=1e-7)
+
+
+def _train_tiny(num_loops, loop_mode, steps=30):
+  model = PLT(ModelConfig(**CFG, num_loops=num_loops, loop_mode=loop_mode), nnx.Rngs(1))
+  opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+  batch = {k: jnp.asarray(v) for k, v in _batches(n=1, seed=5)[0].items()}
+
+  @nnx.jit
+  def step(model, opt):
+    def loss_fn(m):
+      lp = jax.nn.log_softmax(m(batch['inputs'], batch['positions'], batch['segment_ids']))
+      nll = -jnp.take_along_axis(lp, batch['targets'][..., None], -1)[..., 0]
+      return jnp.sum(nll * batch['loss_mask']) / jnp.sum(batch['loss_mask'])
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+  losses = [float(step(model, opt)) for _ in range(steps)]
+  assert losses[-1] < losses[0] - 0.5
+  return model
+
+
+@pytest.mark.parametrize('num_loops,loop_mode', [(1, 'plt'), (3, 'plt'), (2, 'vanilla')])
+def test_trained_model_metrics_finite_and_shaped(num_loops, loop_mode, tmp_path):
+  model = _train_tiny(num_loops, loop_mode)
+  res = dg.diagnose(model, _batches(n=2))
+  R = num_loops
+  for key in ('step_size', 'effective_rank', 'fixed_point_gap', 'attn_entropy', 'lens_entropy',
+              'lens_rank', 'lens_top1', 'lens_perplexity'):
+    assert len(res[key]) == R and np.isfinite(res[key]).all(), key
+  for key in ('alignment', 'offset_cost', 'attn_kl', 'lens_kl'):
+    assert len(res[key]) == R and np.isnan(res[key][0]) and np.isfinite(res[key][1:]).all(), key
+  assert np.asarray(res['gate']).shape == (R, CFG['num_layers'])
+  if loop_mode == 'plt' and R > 1:
+    g = np.asarray(res['gate'])[1:]
+    assert np.isfinite(g).all() and ((g > 0) & (g < 1)).all()
+  # For r < R the fixed-point gap is the next loop's step size (F(h_r) = h_{r+1}).
+  np.testing.assert_allclose(res['fixed_point_gap'][:-1], res['step_size'][1:], rtol=1e-4)
+  assert all(0 < e <= 17 for e in res['effective_rank'])
+  assert res['tokens'] == 2 * 2 * 15
+  paths = dg.write_report(res, str(tmp_path), title=f'R={R}')
+  assert len(paths) == 1 + len(dg.FAMILIES)
+  assert all((tmp_path / p.split('/')[-1]).stat().st_size > 5000 for p in paths[1:])  # PNGs
+  import json
+  saved = json.loads((tmp_path / 'diagnostics.json').read_text())
+  assert saved['alignment'][0] is None and saved['step_size'] == pytest.approx(res['step_size'])
+  assert 'step_size' in dg.format_table(res)
