@@ -1,0 +1,1 @@
+"""PyTorch sources copied into every exported model directory (need torch + transformers only)."""
