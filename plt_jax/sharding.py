@@ -113,6 +113,11 @@ def activation_sharding(mesh: Mesh, rules: LogicalRules = LOGICAL_RULES):
     _ACTIVE.reset(token)
 
 
+def active():
+  """(mesh, rules) inside `activation_sharding`, else None (kernels use it to shard_map)."""
+  return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, logical: Sequence[Optional[str]]) -> jax.Array:
   """Annotates an activation with logical axes; a no-op outside `activation_sharding`."""
   active = _ACTIVE.get()
