@@ -323,3 +323,28 @@ def format_table(results: dict[str, Any]) -> str:
   gates = np.asarray(results['gate'])
   lines.append(f"{'mean gate':<18}" + ''.join(f'{np.nanmean(g) if np.isfinite(g).any() else float("nan"):>12.4g}' for g in gates))
   return '\n'.join(lines)
+
+
+def diagnose_workdir(workdir: str, *, step: Optional[int] = None, max_batches: int = 0,
+                     batch_size: int = 0, out_dir: str = '') -> tuple[dict[str, Any], list[str]]:
+  """Loads a training run's checkpoint and held-out (validation) data, diagnoses, writes a report.
+
+  The validation batches are those the run evaluates on (same tokenizer, packing and split).
+  Returns (results, written paths). Default out_dir: <workdir>/diagnostics.
+  """
+  from plt_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from plt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+
+  model, config, _ = ckpt_lib.load_for_inference(workdir, step=step)
+  bsz = batch_size or min(int(config.train.batch_size), 8)
+  bundle = data_lib.build_data(config.data, seq_len=int(config.train.seq_len), batch_size=bsz,
+                               seed=int(config.seed), workdir=workdir)
+  batches = bundle.val_batches
+  if max_batches:
+    batches = batches[:max_batches]
+  if not batches:
+    raise ValueError(f'{workdir}: the validation split produced no batches to diagnose')
+  results = diagnose(model, batches)
+  out_dir = out_dir or os.path.join(workdir, 'diagnostics')
+  title = f"R={model.cfg.num_loops} {model.cfg.loop_mode}"
+  return results, write_report(results, out_dir, title=title)

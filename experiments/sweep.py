@@ -1,0 +1,23 @@
+"""Loop-count sweep: python -m experiments.sweep --config=configs/sweep.py [--workdir=DIR].
+
+Trains every variant of config.sweep.variants under identical data/seed/budget, then evaluates,
+diagnoses and decode-benchmarks each; writes DIR/sweep.md, sweep.json and plots. Rerunning with
+the same --workdir resumes without redoing finished variants.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from plt_jax import sweep
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/sweep.py', 'Sweep config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/sweep', 'Root dir; one sub-dir per variant.')
+
+
+def main(argv):
+  del argv
+  sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,200 @@
+"""Orbax checkpoints of a training run, and `load_for_inference` for decoding/export.
+
+A checkpoint step directory holds four items:
+  params     the model parameters (float32), sharded arrays
+  opt_state  the optimizer (AdamW moments, its step counter)
+  data       the grain iterator position (one JSON file per process)
+  meta       {'step', 'config'} as JSON
+Orbax writes each step into a temporary directory and renames it when every item is written,
+so a step directory without the temporary suffix is complete; `all_steps()` lists only those
+and an unfinished one (a killed save) is ignored and cleaned up. Restores take abstract arrays
+carrying the *target* sharding, so a checkpoint written on one mesh loads onto any other.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+CHECKPOINT_DIR = 'checkpoints'
+CONFIG_FILE = 'config.json'
+TOKENIZER_DIR = 'tokenizer'
+
+
+# ------------------------------------------------------------------------- state <-> trees
+
+def _str_keys(tree):
+  if isinstance(tree, dict):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def state_to_tree(state: nnx.State) -> dict:
+  """Plain nested dict of arrays with string keys (what Orbax stores)."""
+  return _str_keys(nnx.to_pure_dict(state))
+
+
+def abstract_tree(abstract_state: nnx.State, shardings) -> dict:
+  """ShapeDtypeStructs carrying the target shardings: the restore target."""
+  flat_state = dict(nnx.to_flat_state(abstract_state))
+  flat_shard = dict(nnx.to_flat_state(shardings))
+  out = {}
+  for path, var in flat_state.items():
+    value = var.get_value() if isinstance(var, nnx.Variable) else var
+    sharding = flat_shard[path]
+    if isinstance(sharding, nnx.Variable):
+      sharding = sharding.get_value()
+    out[path] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
+  return _str_keys(nnx.traversals.unflatten_mapping(out))
+
+
+def tree_into_state(abstract_state: nnx.State, tree: dict) -> nnx.State:
+  """Returns a copy of `abstract_state` holding the restored arrays of `tree`."""
+  state = jax.tree.map(lambda x: x, abstract_state,
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  nnx.replace_by_pure_dict(state, tree)
+  return state
+
+
+class _FrozenIteratorState:
+  """The grain iterator's position captured at save time.
+
+  grain's handler calls `get_state()` when the save runs; with async saves that could be after
+  the loop has already drawn more batches, so we hand it a snapshot. It returns the same JSON
+  the handler writes for a live `DatasetIterator`, and restores go to the live iterator.
+  """
+
+  def __init__(self, state: Any):
+    self._json = json.dumps(state, indent=4).encode()
+
+  def get_state(self) -> bytes:
+    return self._json
+
+
+# --------------------------------------------------------------------------- the manager
+
+class Checkpointer:
+  """An async Orbax CheckpointManager keeping the last `max_to_keep` complete steps."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.expanduser(directory))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, params: nnx.State, opt_state: nnx.State, data_state: Any,
+           meta: dict, *, force: bool = True) -> bool:
+    items = dict(
+        params=ocp.args.StandardSave(state_to_tree(params)),
+        opt_state=ocp.args.StandardSave(state_to_tree(opt_state)),
+        meta=ocp.args.JsonSave({'step': int(step), **meta}),
+    )
+    if data_state is not None:
+      import grain  # pylint: disable=g-import-not-at-top
+      items['data'] = grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state))
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, *, params_target: Optional[dict] = None,
+              opt_target: Optional[dict] = None, data_iter: Any = None,
+              meta: bool = False) -> dict:
+    """Restores the named items of `step` (targets from `abstract_tree`)."""
+    items = {}
+    if params_target is not None:
+      items['params'] = ocp.args.StandardRestore(params_target)
+    if opt_target is not None:
+      items['opt_state'] = ocp.args.StandardRestore(opt_target)
+    if data_iter is not None:
+      import grain  # pylint: disable=g-import-not-at-top
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+    if meta:
+      items['meta'] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return {k: restored[k] for k in items}
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+# ----------------------------------------------------------------------- config.json
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> str:
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    f.write('\n')
+  os.replace(tmp, path)
+  return path
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} not found: {workdir!r} is not a training work dir')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+# ---------------------------------------------------------------------- inference
+
+def load_for_inference(workdir: str, step: Optional[int] = None, mesh=None):
+  """(model, config, tokenizer) from a training work dir; parameters only, no optimizer.
+
+  step: a checkpoint step (default: the latest complete one). mesh: parameters are sharded on
+  it by `plt_jax.sharding` rules; None puts them on the first device.
+  """
+  from plt_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from plt_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from plt_jax.model import PLT  # pylint: disable=g-import-not-at-top
+  from plt_jax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
+  workdir = os.path.expanduser(workdir)
+  config = load_config(workdir)
+  model_cfg = ModelConfig.from_dict(config.model)
+  tokenizer = Tokenizer.from_pretrained(os.path.join(workdir, TOKENIZER_DIR))
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f'no checkpoints in {workdir!r} (expected {ckpt_dir})')
+  ckpt = Checkpointer(ckpt_dir, async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f'{ckpt_dir} holds no complete checkpoint')
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise ValueError(f'checkpoint step {step} not found in {ckpt_dir}; complete steps: {steps}')
+    if mesh is None:
+      mesh = sharding_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    abstract = nnx.eval_shape(lambda: PLT(model_cfg, nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract)
+    shardings = sharding_lib.param_shardings(abstract_params, mesh)
+    restored = ckpt.restore(step, params_target=abstract_tree(abstract_params, shardings))
+  finally:
+    ckpt.close()
+  model = nnx.merge(graphdef, tree_into_state(abstract_params, restored['params']))
+  return model, config, tokenizer
+
+
+def tree_equal(a, b) -> bool:
+  """Bitwise equality of two pytrees of arrays (a test helper)."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(
+      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))

@@ -1,0 +1,199 @@
+"""Batched generation on top of `plt_jax.decode`: sampling, stop tokens, streaming.
+
+Shapes are static: prompts are right-padded to a bucketed width and the cache to a bucketed
+max_len, so a new prompt of similar size reuses the compiled prefill, and every token reuses the one
+compiled decode step (its cache argument is donated, so the step updates the cache in place).
+Each step is dispatched before the previous step's tokens are pulled to the host, so host work
+(stop checks, streaming) overlaps device work; at most one step is wasted at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plt_jax.decode import Decoder
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def validate(self, vocab_size: Optional[int] = None) -> 'SamplingParams':
+    t, k, p = self.temperature, self.top_k, self.top_p
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+      raise ValueError(f'temperature={t!r}: must be a finite number >= 0 (0 means greedy)')
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+      raise ValueError(f'top_k={k!r}: must be an integer >= 0 (0 switches it off)')
+    if vocab_size is not None and k > vocab_size:
+      raise ValueError(f'top_k={k} exceeds the vocabulary size {vocab_size}')
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+      raise ValueError(f'top_p={p!r}: must lie in (0, 1] (1 switches it off)')
+    return self
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+
+def sample_logits(logits_BV: Array, key: Array, params: SamplingParams) -> Array:
+  """Next tokens [B] int32 from float32 logits: temperature, then top-k, then top-p (nucleus)."""
+  if params.greedy:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  x = logits_BV.astype(jnp.float32) / params.temperature
+  if params.top_k:
+    kth = jax.lax.top_k(x, params.top_k)[0][:, -1:]
+    x = jnp.where(x < kth, -jnp.inf, x)
+  if params.top_p < 1.0:
+    # Keep the smallest prefix of tokens, by decreasing probability, whose mass reaches top_p.
+    x_sorted = -jnp.sort(-x, axis=-1)
+    p_sorted = jax.nn.softmax(x_sorted, axis=-1)
+    mass_before = jnp.cumsum(p_sorted, axis=-1) - p_sorted
+    n_keep = jnp.maximum(jnp.sum(mass_before < params.top_p, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(x_sorted, n_keep - 1, axis=-1)
+    x = jnp.where(x < threshold, -jnp.inf, x)
+  return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _sampler(params: SamplingParams, compiler_options: tuple = ()):
+  """Jitted (logits, key, step) -> tokens, with the step folded into the key."""
+  opts = {'compiler_options': dict(compiler_options)} if compiler_options else {}
+  return jax.jit(lambda logits, key, step: sample_logits(
+      logits, jax.random.fold_in(key, step), params), **opts)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  """tokens: generated ids per prompt (stop token excluded); finish_reasons: 'stop' | 'length'."""
+  tokens: list[list[int]]
+  finish_reasons: list[str]
+  prompt_lengths: list[int]
+  prefill_s: float
+  decode_s: float
+  num_steps: int
+
+  @property
+  def num_generated(self) -> int:
+    return sum(len(t) for t in self.tokens)
+
+  @property
+  def tokens_per_s(self) -> float:
+    """Generated tokens per second of wall time, prefill included."""
+    return self.num_generated / max(self.prefill_s + self.decode_s, 1e-9)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+# callback(step, tokens [B] np.int32, emitted [B] bool): emitted[b] says tokens[b] was appended to
+# sequence b's output at this step (False once b has stopped, and for the stop token itself).
+StreamCallback = Callable[[int, np.ndarray, np.ndarray], None]
+
+
+class Generator:
+  """Generation for one model. Compiled functions are reused across calls with the same buckets.
+
+  max_len: cache slots per sequence; by default the smallest multiple of `len_bucket` that fits
+  the request (capped at cfg.max_seq_len). prompt_bucket: prompts are right-padded to a multiple.
+  """
+
+  def __init__(self, model, *, max_len: Optional[int] = None, len_bucket: int = 64,
+               prompt_bucket: int = 16, compiler_options: Optional[dict] = None):
+    self.model = model
+    self.cfg = model.cfg
+    self.max_len = max_len
+    self.len_bucket, self.prompt_bucket = len_bucket, prompt_bucket
+    self.compiler_options = compiler_options
+    self._decoders: dict[int, Decoder] = {}
+
+  def decoder(self, max_len: int) -> Decoder:
+    if max_len not in self._decoders:
+      self._decoders[max_len] = Decoder(self.model, max_len,
+                                        compiler_options=self.compiler_options)
+    return self._decoders[max_len]
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+               sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
+               seed: int = 0, callback: Optional[StreamCallback] = None) -> GenerationResult:
+    cfg = self.cfg
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+        or max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens={max_new_tokens!r}: must be an integer >= 1')
+    sampling.validate(cfg.vocab_size)
+    stop = {int(t) for t in stop_tokens}
+    bad = [t for t in stop if not 0 <= t < cfg.vocab_size]
+    if bad:
+      raise ValueError(f'stop tokens {bad} lie outside the vocabulary [0, {cfg.vocab_size})')
+    if len(prompts) == 0:
+      raise ValueError('no prompts given (the batch is empty)')
+    longest = max(len(p) for p in prompts)
+    need = longest + max_new_tokens - 1  # the last generated token is never fed back
+    max_len = self.max_len or min(_round_up(max(need, 1), self.len_bucket), cfg.max_seq_len)
+    if need > max_len:
+      where = 'max_len' if self.max_len else f"the model's max_seq_len"
+      raise ValueError(f'a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} needs '
+                       f'{need} cache slots, more than {where}={max_len}')
+    dec = self.decoder(max_len)
+    sample = _sampler(sampling, tuple(sorted((self.compiler_options or {}).items())))
+    width = min(_round_up(max(longest, 1), self.prompt_bucket), max_len)
+
+    b = len(prompts)
+    out: list[list[int]] = [[] for _ in range(b)]
+    reasons = ['length'] * b
+    active = np.ones(b, bool)
+    key = jax.random.key(seed)
+
+    t0 = time.perf_counter()
+    logits, cache = dec.prefill(prompts, width=width, extra=max_new_tokens - 1)
+    tok = sample(logits, key, 0)
+    tok.block_until_ready()
+    prefill_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    steps = 0
+    for i in range(max_new_tokens):
+      nxt = None
+      if i + 1 < max_new_tokens:  # dispatch the next step before looking at this one's tokens
+        logits, cache = dec.step(cache, tok)
+        nxt = sample(logits, key, i + 1)
+        steps += 1
+      host = np.asarray(tok)
+      emitted = active.copy()
+      for j in np.flatnonzero(active):
+        if int(host[j]) in stop:
+          active[j], emitted[j], reasons[j] = False, False, 'stop'
+        else:
+          out[j].append(int(host[j]))
+      if callback is not None:
+        callback(i, host, emitted)
+      if not active.any() or nxt is None:
+        break
+      tok = nxt
+    if nxt is not None:
+      nxt.block_until_ready()
+    decode_s = time.perf_counter() - t0
+    del cache
+    return GenerationResult(out, reasons, [len(p) for p in prompts], prefill_s, decode_s, steps)
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
+             seed: int = 0, callback: Optional[StreamCallback] = None,
+             max_len: Optional[int] = None) -> GenerationResult:
+  """One-shot convenience wrapper around `Generator(model).generate(...)`."""
+  return Generator(model, max_len=max_len).generate(
+      prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop_tokens,
+      seed=seed, callback=callback)

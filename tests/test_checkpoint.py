@@ -1,0 +1,192 @@
+"""Checkpoint tests: bitwise resume in a new process, SIGKILL crash safety, SIGTERM save.
+
+One tiny config throughout, so the in-process runs share one compiled program; the two
+subprocesses share a persistent compilation cache. Bitwise equality holds because XLA on CPU is
+deterministic for a fixed program and device count, the data iterator state is restored
+exactly and every step's inputs (params, AdamW state, step counter, batch) are restored bit for
+bit; any drift would show as a non-zero difference.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from configs import base
+from plt_jax import checkpoint as ckpt_lib
+from plt_jax import metrics as metrics_lib
+from plt_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 24
+OVERRIDES = {
+    'model.d_model': 32, 'model.num_layers': 1, 'model.num_heads': 4, 'model.num_kv_heads': 2,
+    'model.ffn_dim': 48, 'model.window_size': 5, 'model.max_seq_len': 64,
+    'model.rope_theta': 10000.0,
+    'train.steps': STEPS, 'train.batch_size': 4, 'train.seq_len': 24, 'train.progress': False,
+    'data.tokenizer': 'byte', 'data.max_chars': 30000, 'data.val_batches': 1,
+    'optimizer.peak_lr': 3e-3, 'mesh.num_devices': 1,
+    'checkpoint.every': 4, 'checkpoint.max_to_keep': 3, 'eval.every': 0,
+}
+
+
+def make_config(**extra):
+  cfg = base.get_config('default', num_loops=2)
+  for key, value in {**OVERRIDES, **extra}.items():
+    section, field = key.split('.')
+    cfg[section][field] = value
+  return cfg
+
+
+@pytest.fixture(scope='module')
+def subprocess_env(tmp_path_factory):
+  cache = str(tmp_path_factory.mktemp('xla_cache'))
+  return dict(os.environ, JAX_PLATFORMS='cpu', JAX_DEFAULT_MATMUL_PRECISION='highest',
+              JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+
+
+def launch(workdir, env, **extra):
+  flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, **extra}.items()]
+  cmd = [sys.executable, '-m', 'experiments.pretrain', '--config=configs/r2.py',
+         f'--workdir={workdir}', *flags]
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def train_losses(workdir) -> dict[int, float]:
+  return {r['step']: r['loss'] for r in metrics_lib.read_jsonl(
+      os.path.join(workdir, metrics_lib.JSONL)) if r['split'] == 'train'}
+
+
+def restore_raw(workdir, step) -> dict:
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  try:
+    return ckpt.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(), opt_state=ocp.args.StandardRestore()))
+  finally:
+    ckpt.close()
+
+
+def max_abs_diff(a, b) -> float:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb) and la
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """The reference: all STEPS steps in one go."""
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  summary = train.train_and_evaluate(make_config(), workdir)
+  assert summary['step'] == STEPS
+  return workdir
+
+
+def test_resume_in_a_new_process_is_bitwise_exact(straight, tmp_path, subprocess_env):
+  k = STEPS // 2
+  workdir = str(tmp_path / 'resumed')
+  first = train.train_and_evaluate(make_config(**{'train.stop_at_step': k}), workdir)
+  assert first['step'] == k and first['checkpoint_steps'][-1] == k
+  proc = launch(workdir, subprocess_env)                 # a new process: steps k+1 .. 2k
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  assert f'resumed from {workdir}/checkpoints/{k}' in out
+  want, got = train_losses(straight), train_losses(workdir)
+  assert sorted(got) == list(range(1, STEPS + 1))
+  assert [got[s] for s in range(1, STEPS + 1)] == [want[s] for s in range(1, STEPS + 1)]
+  a, b = restore_raw(straight, STEPS), restore_raw(workdir, STEPS)
+  assert max_abs_diff(a['params'], b['params']) == 0.0
+  assert max_abs_diff(a['opt_state'], b['opt_state']) == 0.0
+  assert int(np.asarray(b['opt_state']['step'])) == STEPS
+  # The data iterator position was saved and restored too.
+  read = lambda w: open(os.path.join(w, 'checkpoints', str(STEPS), 'data',
+                                     'process_0-of-1.json')).read()
+  assert json.loads(read(straight)) == json.loads(read(workdir))
+
+
+def test_sigkill_mid_run_resumes_from_the_newest_complete_checkpoint(straight, tmp_path,
+                                                                     subprocess_env):
+  workdir = str(tmp_path / 'killed')
+  ckdir = os.path.join(workdir, 'checkpoints')
+  proc = launch(workdir, subprocess_env)
+  deadline = time.time() + 600
+  seen_tmp = False
+  while time.time() < deadline and proc.poll() is None:
+    # A save waits for the previous one, so once step 9 is logged step 4 is complete. From then
+    # on, kill while a save is being written if we catch one, else at step 11.
+    done = max(train_losses(workdir) or [0])
+    seen_tmp = done >= 9 and any('tmp' in d for d in os.listdir(ckdir))
+    if seen_tmp or done >= 11:
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.002)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
+  killed = train_losses(workdir)
+  complete = ckpt_lib.Checkpointer(ckdir).all_steps()
+  newest = complete[-1]
+  # Async saves may trail the logged steps; those after `newest` are the ones lost.
+  assert 4 <= newest < STEPS and max(killed) >= newest, (complete, max(killed))
+  # A torn save newer than every complete one must never be picked: fake one.
+  torn = os.path.join(ckdir, f'{newest + 4}.orbax-checkpoint-tmp')
+  shutil.copytree(os.path.join(ckdir, str(newest)), torn, dirs_exist_ok=True)
+  shutil.rmtree(os.path.join(torn, 'params'))
+
+  summary = train.train_and_evaluate(make_config(), workdir)
+  assert summary['start_step'] == newest and summary['step'] == STEPS
+  assert not any('tmp' in d for d in os.listdir(ckdir)), os.listdir(ckdir)
+  # Lost: only the steps after `newest`; they are recomputed identically.
+  resumed = train_losses(workdir)
+  assert sorted(resumed) == list(range(1, STEPS + 1))
+  assert all(resumed[s] == killed[s] for s in killed)
+  assert max_abs_diff(restore_raw(straight, STEPS)['params'],
+                      restore_raw(workdir, STEPS)['params']) == 0.0
+  print(f'killed after step {max(killed)}, newest complete checkpoint {newest}, '
+        f'save in flight at kill: {seen_tmp}')
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(straight, tmp_path):
+  workdir = str(tmp_path / 'term')
+
+  def send_when_running():
+    t_end = time.time() + 600
+    while time.time() < t_end and max(train_losses(workdir) or [0]) < 5:
+      time.sleep(0.002)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=send_when_running, daemon=True).start()
+  cfg = make_config(**{'checkpoint.every': 100})          # no periodic checkpoint at all
+  summary = train.train_and_evaluate(cfg, workdir)
+  assert summary['stopped_by'] == 'SIGTERM'
+  stopped = summary['step']
+  assert 5 <= stopped < STEPS and summary['checkpoint_steps'] == [stopped], summary
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handlers restored
+  summary = train.train_and_evaluate(cfg, workdir)
+  assert summary['start_step'] == stopped and summary['step'] == STEPS
+  assert max_abs_diff(restore_raw(straight, STEPS)['params'],
+                      restore_raw(workdir, STEPS)['params']) == 0.0
+
+
+def test_load_for_inference_restores_params_only(straight):
+  model, cfg, tok = ckpt_lib.load_for_inference(straight)
+  raw = restore_raw(straight, STEPS)['params']
+  assert max_abs_diff(nnx.to_pure_dict(nnx.state(model)), raw) == 0.0
+  assert cfg.model.num_layers == 1 and cfg.model.vocab_size == 384 and tok.vocab_size == 259
+  older = sorted(ckpt_lib.Checkpointer(os.path.join(straight, 'checkpoints')).all_steps())[0]
+  model_old, _, _ = ckpt_lib.load_for_inference(straight, step=older)
+  assert max_abs_diff(nnx.to_pure_dict(nnx.state(model_old)), raw) > 0
+  with pytest.raises(ValueError, match='step 7 not found'):
+    ckpt_lib.load_for_inference(straight, step=7)
+  with pytest.raises(FileNotFoundError, match='not a training work dir'):
+    ckpt_lib.load_for_inference(os.path.dirname(straight))
