@@ -3,10 +3,13 @@
   python -m experiments.bench_decode --out bench_decode.json           # ~100M params, batch 1 and 8
   python -m experiments.bench_decode --small                           # a quick run on a tiny model
 
-Every configuration uses the same weights (drawn once; the vanilla model is the PLT model without
-its gates). Decode steps of all configurations are interleaved round by round, so load from other
-processes hits them alike, and each reported latency is the median over all measured steps after
-warm-up. One step = the jitted decode step (cache donated) + the argmax that feeds the next token.
+Modes: `plt` (the PLT step with row_matmul='auto': on CPU at batch 1 its R rows go through each
+weight matrix as R one-row products, elsewhere as one stacked product), `plt_stacked` (always one
+[B*R, D] product per matrix; listed where it differs from `plt`), `plt_per_row`, and `vanilla`
+(R sequential passes). Every configuration uses the same weights (drawn once; the vanilla model is
+the PLT model without its gates). Decode steps of all configurations are interleaved round by
+round, so load from other processes hits them alike, and each reported latency is the median over
+all measured steps after warm-up. One step = the jitted decode step (cache donated) + the argmax that feeds the next token.
 KV bytes are measured from the cache arrays and checked against plt.md's formula
 (`plt_jax.decode.kv_cache_bytes`); `step_temp_bytes` is XLA's scratch allocation for one step,
 which shows that the step does not copy the cache.
@@ -166,7 +169,8 @@ class Run:
 
   def finish(self):
     t = np.asarray(self.step_times)
-    self.result.update(step_ms=float(np.median(t) * 1e3), step_p10_ms=float(np.percentile(t, 10) * 1e3),
+    self.result.update(step_ms=float(np.median(t) * 1e3),
+                       step_p10_ms=float(np.percentile(t, 10) * 1e3),
                        step_p90_ms=float(np.percentile(t, 90) * 1e3), steps_measured=len(t),
                        tokens_per_s=float(self.batch / np.median(t)))
     del self.cache
@@ -234,8 +238,8 @@ def run(args) -> dict:
 
 
 def print_table(out: dict) -> None:
-  hdr = (f'{"batch":>5} {"mode":>11} {"rows":>7} {"R":>2} {"step ms":>9} {"p10-p90 ms":>15} {"tok/s":>8} '
-         f'{"prefill s":>9} {"KV bytes":>11} {"= formula":>9} {"step temp":>10}')
+  hdr = (f'{"batch":>5} {"mode":>11} {"rows":>7} {"R":>2} {"step ms":>9} {"p10-p90 ms":>15} '
+         f'{"tok/s":>8} {"prefill s":>9} {"KV bytes":>11} {"= formula":>9} {"step temp":>10}')
   print('\n' + hdr + '\n' + '-' * len(hdr))
   for r in out['results']:
     print(f'{r["batch"]:>5} {r["mode"]:>11} {r["row_matmul"]:>7} {r["R"]:>2} {r["step_ms"]:>9.2f} '

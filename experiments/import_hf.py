@@ -7,11 +7,12 @@ RUN/tokenizer/ (when DIR has a tokenizer.json) and RUN/checkpoints/0 in the trai
 (parameters plus a fresh optimizer state). `plt_jax.checkpoint.load_for_inference(RUN)`, the
 generate CLI and `experiments.export` read it like any training run.
 """
-import os
 import sys
 
 from absl import app
 from absl import flags
+
+from plt_jax.hf.importer import import_as_workdir
 
 flags.DEFINE_string('hf_dir', None, 'Hugging Face model directory (config.json + safetensors).')
 flags.DEFINE_string('workdir', None, 'Work dir to create (must not hold a run).')
@@ -23,31 +24,11 @@ flags.mark_flags_as_required(['hf_dir', 'workdir'])
 FLAGS = flags.FLAGS
 
 
-def import_hf(hf_dir: str, workdir: str, *, preset: str = 'default', dtype=None) -> str:
-  """Loads `hf_dir` and saves it as a training work dir; returns the work dir."""
-  from configs import base  # pylint: disable=g-import-not-at-top
-  from plt_jax import hf  # pylint: disable=g-import-not-at-top
-
-  hf_cfg = hf.read_hf_config(os.path.expanduser(hf_dir))
-  config = base.get_config(preset, num_loops=int(hf_cfg.get('plt_num_loops') or 1))
-  runtime = {k: config.model[k] for k in ('dtype', 'remat', 'attention_impl')}
-  if dtype is not None:
-    runtime['dtype'] = hf.convert.canonical_dtype(dtype)
-  model, tokenizer = hf.load_hf_checkpoint(hf_dir, **runtime)
-  config.model = model.cfg.to_dict()
-  config.train.vocab_from_tokenizer = False  # the checkpoint fixes the vocabulary
-  if tokenizer is not None:
-    config.data.tokenizer = 'hf'
-    config.data.tokenizer_path = os.path.abspath(os.path.expanduser(hf_dir))
-  return hf.importer.save_as_workdir(model, tokenizer, workdir, config,
-                                     source=os.path.abspath(os.path.expanduser(hf_dir)))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    out = import_hf(FLAGS.hf_dir, FLAGS.workdir, preset=FLAGS.preset, dtype=FLAGS.dtype)
+    out = import_as_workdir(FLAGS.hf_dir, FLAGS.workdir, preset=FLAGS.preset, dtype=FLAGS.dtype)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     if FLAGS.traceback:
       raise

@@ -10,8 +10,8 @@ then every row attends over loop 1 (row 1: plain causal; rows >= 2: the global G
 rows >= 2 also over their own ring (the local branch), mixed by the layer's gate.
 
 Cache layout (choices documented here and in the benchmark):
-  * Prompts are RIGHT-padded; `lengths[b]` counts sequence b's tokens in the cache, which is also the
-    RoPE position of its next token. Loop-1 slot i holds position i; slots >= lengths[b] are
+  * Prompts are RIGHT-padded; `lengths[b]` counts sequence b's tokens in the cache, which is also
+    the RoPE position of its next token. Loop-1 slot i holds position i; slots >= lengths[b] are
     masked out (causality) and overwritten as decoding proceeds.
   * Each ring holds W slots (the window INCLUDING the token itself): position p lives in slot p % W,
     written before attending, so the local branch reads exactly keys p-W+1 .. p from the ring.

@@ -76,12 +76,19 @@ def _sampler(params: SamplingParams, compiler_options: tuple = ()):
 
 @dataclasses.dataclass
 class GenerationResult:
-  """tokens: generated ids per prompt (stop token excluded); finish_reasons: 'stop' | 'length'."""
+  """tokens: generated ids per prompt (stop token excluded); finish_reasons: 'stop' | 'length'.
+
+  Times (seconds): prefill_s covers the prompts and the first token, first_step_s the first decode
+  step (both include compilation on first use), decode_s every later step, during which
+  decode_tokens tokens were emitted.
+  """
   tokens: list[list[int]]
   finish_reasons: list[str]
   prompt_lengths: list[int]
   prefill_s: float
+  first_step_s: float
   decode_s: float
+  decode_tokens: int
   num_steps: int
 
   @property
@@ -90,8 +97,13 @@ class GenerationResult:
 
   @property
   def tokens_per_s(self) -> float:
-    """Generated tokens per second of wall time, prefill included."""
-    return self.num_generated / max(self.prefill_s + self.decode_s, 1e-9)
+    """Generated tokens per second of wall time, everything included."""
+    return self.num_generated / max(self.prefill_s + self.first_step_s + self.decode_s, 1e-9)
+
+  @property
+  def decode_tokens_per_s(self) -> float:
+    """Steady-state decoding rate (after the first step); 0 when too few steps ran."""
+    return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -160,10 +172,10 @@ class Generator:
     logits, cache = dec.prefill(prompts, width=width, extra=max_new_tokens - 1)
     tok = sample(logits, key, 0)
     tok.block_until_ready()
-    prefill_s = time.perf_counter() - t0
+    t_prefilled = time.perf_counter()
+    prefill_s = t_prefilled - t0
 
-    t0 = time.perf_counter()
-    steps = 0
+    steps, decode_tokens, t_steady = 0, 0, None
     for i in range(max_new_tokens):
       nxt = None
       if i + 1 < max_new_tokens:  # dispatch the next step before looking at this one's tokens
@@ -177,16 +189,24 @@ class Generator:
           active[j], emitted[j], reasons[j] = False, False, 'stop'
         else:
           out[j].append(int(host[j]))
+      if i >= 2:  # produced by a step dispatched after the first step had finished
+        decode_tokens += int(emitted.sum())
       if callback is not None:
         callback(i, host, emitted)
+      if i == 0 and nxt is not None:  # the first step may include its compilation: time it apart
+        nxt.block_until_ready()
+        t_steady = time.perf_counter()
       if not active.any() or nxt is None:
         break
       tok = nxt
     if nxt is not None:
       nxt.block_until_ready()
-    decode_s = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    first_step_s = (t_steady or t_end) - t_prefilled
+    decode_s = t_end - t_steady if t_steady is not None else 0.0
     del cache
-    return GenerationResult(out, reasons, [len(p) for p in prompts], prefill_s, decode_s, steps)
+    return GenerationResult(out, reasons, [len(p) for p in prompts], prefill_s, first_step_s,
+                            decode_s, decode_tokens, steps)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

@@ -57,18 +57,16 @@ class MetricsWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     records = read_jsonl(self.jsonl_path)
-    keep = [r for r in records if r.get('step', 0) <= resume_step]
-    if len(keep) != len(records) or (records and not resume_step):
-      if not resume_step:
-        keep = []
+    keep = [r for r in records if r.get('step', 0) <= resume_step] if resume_step else []
+    if keep != records:
       tmp = self.jsonl_path + '.tmp'
       with open(tmp, 'w') as f:
         for r in keep:
           f.write(json.dumps(r) + '\n')
       os.replace(tmp, self.jsonl_path)
     from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
-    # purge_step drops TensorBoard events past the restored step as well.
-    self._tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1 if resume_step else None)
+    # purge_step hides TensorBoard events from a run that died after its last checkpoint.
+    self._tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1 if resume_step else 0)
     self._f = open(self.jsonl_path, 'a')
 
   def write(self, step: int, metrics: dict, split: str = 'train') -> None:

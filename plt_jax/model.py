@@ -194,6 +194,8 @@ class DecoderLayer(nnx.Module):
     return x, LayerOut(k, v, gate, probs)
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=['inputs', 'hidden', 'layers'], meta_fields=[])
 @dataclasses.dataclass
 class LoopOut:
   """Per-loop results. hidden: the loop's output h_r; layers: one LayerOut per layer."""

@@ -229,14 +229,16 @@ def test_cache_bytes_match_plt_md_formula():
   per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
   assert measured[(1, 'plt')] == b * MAX_LEN * per_token
   # PLT at R=4 costs exactly 3 windows of W tokens plus 3 saved hidden vectors more than R=1 ...
-  assert measured[(4, 'plt')] - measured[(1, 'plt')] == b * (3 * W * per_token + 3 * cfg.d_model * 4)
+  extra = measured[(4, 'plt')] - measured[(1, 'plt')]
+  assert extra == b * (3 * W * per_token + 3 * cfg.d_model * 4)
   # ... while the vanilla looped model keeps R full caches.
   for r in (2, 3, 4):
     assert measured[(r, 'vanilla')] == r * measured[(1, 'vanilla')]
   # bfloat16 halves everything.
   bf = ModelConfig(**TINY, num_loops=4, dtype='bfloat16')
   assert cache_nbytes(init_cache(bf, 3, 7)) == kv_cache_bytes(bf, 3, 7)
-  assert kv_cache_bytes(bf, 3, 7)['kv_total'] * 2 == kv_cache_bytes(bf.replace(dtype='float32'), 3, 7)['kv_total']
+  f32 = bf.replace(dtype='float32')
+  assert kv_cache_bytes(bf, 3, 7)['kv_total'] * 2 == kv_cache_bytes(f32, 3, 7)['kv_total']
 
 
 def test_step_donates_and_updates_the_cache_in_place():
@@ -417,14 +419,21 @@ class _CharTokenizer:
     return ''.join(chr(32 + i - 3) for i in ids if i >= 3)
 
 
-def test_generate_entry_point_streams_what_it_returns():
+def test_generate_entry_point_on_an_exported_checkpoint(tmp_path):
+  """Export the model, load it back as `--hf_dir` does, and generate with streaming."""
   import ast
   import io
-  from experiments.generate import run_generation
+  from experiments.generate import load_model, run_generation
+  from plt_jax.hf import export_model, load_hf_checkpoint
+  export_model(make(2, 'plt', 'hidden', True), None, str(tmp_path / 'hf'))
+  with pytest.raises(ValueError, match='pass --tokenizer'):
+    load_model(hf_dir=str(tmp_path / 'hf'))
+  loaded, _ = load_hf_checkpoint(str(tmp_path / 'hf'))
   out = io.StringIO()
   prompts = ['hi', 'a longer', 'x', 'seven!']
-  res, texts = run_generation(make(2, 'plt', 'hidden', True), _CharTokenizer(), prompts,
-                              max_new_tokens=6, generator=generator(), out=out)
+  res, texts = run_generation(
+      loaded, _CharTokenizer(), prompts, max_new_tokens=6, out=out,
+      generator=Generator(loaded, max_len=MAX_LEN, compiler_options=FAST))
   want = generator().generate([[1] + _CharTokenizer().encode(p) for p in prompts],
                               max_new_tokens=6, stop_tokens=[2])
   assert res.tokens == want.tokens

@@ -560,7 +560,7 @@ def test_cli_humaneval_on_a_trained_run(trained_run):
 @pytest.mark.slow
 def test_perplexity_on_the_validation_split_matches_the_trainer(trained_run):
   workdir, summary = trained_run
-  from experiments import evaluate
+  from plt_jax.evaluation import runner as evaluate
   s = evaluate.run('perplexity', workdir=workdir, progress=False)
   val = [json.loads(x) for x in open(os.path.join(workdir, 'metrics.jsonl'))
          if json.loads(x).get('split') == 'val'][-1]
@@ -578,7 +578,7 @@ def test_perplexity_on_the_validation_split_matches_the_trainer(trained_run):
 @pytest.mark.slow
 def test_an_exported_hf_checkpoint_scores_the_same(trained_run, tmp_path):
   pytest.importorskip('safetensors')
-  from experiments import evaluate
+  from plt_jax.evaluation import runner as evaluate
   from plt_jax.hf import export_workdir
   workdir, summary = trained_run
   hf_dir = export_workdir(workdir, str(tmp_path / 'hf'), dtype='float32')

@@ -487,7 +487,7 @@ def _reader_tensors(directory):
 
 def test_import_to_workdir_then_export_workdir(exports, tmp_path):
   """HF -> trainer work dir (Orbax) -> load_for_inference -> HF again: bit-exact."""
-  from experiments.import_hf import import_hf
+  from plt_jax.hf.importer import import_as_workdir as import_hf
   from plt_jax import checkpoint
   model, src = exports['r2_hidden']
   run = import_hf(src, str(tmp_path / 'run'))

@@ -1,0 +1,204 @@
+"""Evaluation runs behind `python -m experiments.evaluate` (HumanEval pass@k, perplexity).
+
+`run(suite, workdir=..., hf_dir=..., ...)` loads the model, evaluates and writes the results;
+the CLI only parses flags and calls it, so notebooks and tests use the same function.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from typing import Any, Optional
+
+
+
+# ------------------------------------------------------------------------------ loading
+
+def complete_steps(workdir: str) -> list[int]:
+  """Finished checkpoint steps (Orbax writes unfinished ones under a temporary name)."""
+  from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  d = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n)))
+
+
+def load_model(workdir: Optional[str] = None, hf_dir: Optional[str] = None,
+               step: Optional[int] = None, dtype: Optional[str] = None):
+  """(model, tokenizer, config or None, info). info identifies the weights (for resume checks)."""
+  from plt_jax.model import param_count  # pylint: disable=g-import-not-at-top
+  if hf_dir:
+    from plt_jax.hf import load_hf_checkpoint  # pylint: disable=g-import-not-at-top
+    hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
+    model, tokenizer = load_hf_checkpoint(hf_dir, dtype=dtype or 'float32')
+    if tokenizer is None:
+      raise ValueError(f'{hf_dir} has no tokenizer.json; evaluation needs the tokenizer')
+    info = dict(source='hf', path=hf_dir, step=None)
+    config = None
+  elif workdir:
+    from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    if step is None:
+      steps = complete_steps(workdir)
+      if not steps:
+        raise FileNotFoundError(f'no complete checkpoint in {workdir}')
+      step = steps[-1]
+    model, config, tokenizer = ckpt_lib.load_for_inference(workdir, step=step)
+    if dtype and dtype != model.cfg.dtype:
+      model = _with_dtype(model, dtype)
+    info = dict(source='workdir', path=workdir, step=int(step))
+  else:
+    raise ValueError('give --workdir (a training run) or --hf_dir (a Hugging Face checkpoint)')
+  c = model.cfg
+  info.update(params=int(param_count(model)), num_loops=c.num_loops, loop_mode=c.loop_mode,
+              dtype=c.dtype, vocab_size=c.vocab_size, max_seq_len=c.max_seq_len)
+  return model, tokenizer, config, info
+
+
+def _with_dtype(model, dtype: str):
+  """The same weights in a model whose compute dtype is `dtype`."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from plt_jax.model import PLT  # pylint: disable=g-import-not-at-top
+  cfg = model.cfg.replace(dtype=dtype)
+  target = nnx.eval_shape(lambda: PLT(cfg, nnx.Rngs(0)))
+  graphdef, _ = nnx.split(target)
+  _, state = nnx.split(model)
+  return nnx.merge(graphdef, state)
+
+
+def _tag(info: dict) -> str:
+  return f'step{info["step"]}' if info['step'] is not None else 'hf'
+
+
+# ---------------------------------------------------------------------------- the suites
+
+def run_humaneval(model, tokenizer, info: dict, *, out_dir: str, samples: int = 1,
+                  temperature: Optional[float] = None, top_p: float = 0.95, top_k: int = 0,
+                  max_new_tokens: int = 384, limit: int = 0, batch_size: int = 16,
+                  workers: int = 4, timeout: float = 10.0, memory_mb: int = 1024, nproc: int = 8,
+                  seed: int = 0, ks=(1, 10, 100), overwrite: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
+  from plt_jax.evaluation import humaneval, sandbox  # pylint: disable=g-import-not-at-top
+  if temperature is None:
+    temperature = 0.0 if samples == 1 else 0.8
+  if samples > 1 and temperature == 0:
+    print('evaluate: warning: --samples > 1 with greedy decoding gives identical samples',
+          file=sys.stderr)
+  greedy = temperature == 0
+  gen = dict(temperature=float(temperature), top_p=1.0 if greedy else float(top_p),
+             top_k=0 if greedy else int(top_k), max_new_tokens=int(max_new_tokens),
+             seed=None if greedy else int(seed))
+  problems = humaneval.load_problems(limit=limit or None)
+  generate_fn = humaneval.model_generate_fn(
+      model, tokenizer, max_new_tokens=max_new_tokens, temperature=gen['temperature'],
+      top_p=gen['top_p'], top_k=gen['top_k'], batch_size=batch_size, seed=seed)
+  limits = sandbox.Limits(timeout=float(timeout), memory_bytes=int(memory_mb) << 20,
+                          nproc=int(nproc))
+  meta = dict(model=info, generation=gen, tokenizer_sha256=tokenizer.sha256)
+  return humaneval.evaluate(problems, generate_fn, out_dir=out_dir, samples=samples,
+                            batch_size=batch_size, limits=limits, workers=workers,
+                            ks=[int(k) for k in ks], meta=meta, overwrite=overwrite,
+                            progress=progress)
+
+
+def run_perplexity(model, tokenizer, info: dict, *, out_path: str, config=None,
+                   workdir: Optional[str] = None, files=(), seq_len: int = 0,
+                   eval_batches: int = -1, batch_size: int = 0,
+                   progress: bool = True) -> dict[str, Any]:
+  from plt_jax.evaluation import perplexity  # pylint: disable=g-import-not-at-top
+  out: dict[str, Any] = dict(suite='perplexity', model=info)
+  if files:
+    if not seq_len:
+      seq_len = int(config.train.seq_len) if config is not None else min(
+          1024, model.cfg.max_seq_len)
+    bs = batch_size or (int(config.train.batch_size) if config is not None else 8)
+    batches, finfo = perplexity.file_batches(files, tokenizer, seq_len=seq_len, batch_size=bs)
+    out.update(source='files', patterns=list(files), **finfo)
+  else:
+    if config is None or workdir is None:
+      raise ValueError('perplexity on a validation split needs --workdir (a training run); '
+                       'with only --hf_dir, give --files')
+    if seq_len and seq_len != int(config.train.seq_len):
+      config = _with_seq_len(config, seq_len)
+    batches, data_tok, stats = perplexity.workdir_validation(
+        workdir, config, max_batches=None if eval_batches < 0 else eval_batches,
+        batch_size=batch_size or None)
+    if data_tok.sha256 != tokenizer.sha256:
+      raise ValueError(f'the model\'s tokenizer differs from the one of {workdir}\'s data')
+    bs = int(batches[0]['inputs'].shape[0]) if batches else 0
+    seq_len = int(config.train.seq_len)
+    out.update(source='validation', data_stats={k: stats[k] for k in (
+        'source', 'val_docs', 'val_tokens', 'val_bytes', 'val_rows', 'val_eval_batches',
+        'val_eval_tokens', 'val_eval_bytes') if k in stats})
+  if not batches:
+    raise ValueError('nothing to evaluate (no batches)')
+  nll_fn = perplexity.make_nll_fn(model)
+  result = perplexity.score(nll_fn, batches, tokenizer.token_bytes, progress=progress,
+                            total=len(batches))
+  out.update(result.to_json(), seq_len=int(seq_len), batch_size=int(bs), batches=len(batches))
+  if out['source'] == 'files':
+    # The definition's denominator is the text's own byte count; for byte-level tokenizers the
+    # per-token count must agree exactly.
+    out['bytes_from_tokens'] = result.bytes
+    out['bytes'] = out['text_bytes']
+    out['bits_per_byte'] = result.nll_nats / 0.6931471805599453 / out['text_bytes']
+    out['byte_counts_agree'] = result.bytes == out['text_bytes']
+  else:
+    out['byte_counts_agree'] = result.bytes == out['data_stats'].get('val_eval_bytes')
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  with open(out_path + '.tmp', 'w') as f:
+    json.dump(out, f, indent=2, sort_keys=True)
+  os.replace(out_path + '.tmp', out_path)
+  out['out_path'] = out_path
+  return out
+
+
+def _with_seq_len(config, seq_len: int):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.train.seq_len = int(seq_len)
+  return c
+
+
+def run(suite: str, *, workdir: Optional[str] = None, hf_dir: Optional[str] = None,
+        step: Optional[int] = None, dtype: Optional[str] = None, out_dir: Optional[str] = None,
+        files=(), seq_len: int = 0, eval_batches: int = -1, eval_batch_size: int = 0,
+        **humaneval_kwargs) -> dict[str, Any]:
+  """Loads the model and runs one suite; returns its summary (also written to disk)."""
+  model, tokenizer, config, info = load_model(workdir, hf_dir, step, dtype)
+  if config is None and workdir and not files:  # an HF model scored on a run's val split
+    from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    config = ckpt_lib.load_config(os.path.abspath(os.path.expanduser(workdir)))
+  base = os.path.join(info['path'] if info['source'] == 'workdir' else (
+      os.path.abspath(workdir) if workdir else info['path']), 'eval')
+  if suite == 'humaneval':
+    samples = int(humaneval_kwargs.get('samples', 1))
+    t = humaneval_kwargs.get('temperature')
+    t = (0.0 if samples == 1 else 0.8) if t is None else t
+    out_dir = out_dir or os.path.join(base, f'humaneval-{_tag(info)}-n{samples}-t{t:g}')
+    return run_humaneval(model, tokenizer, info, out_dir=out_dir, **humaneval_kwargs)
+  if suite == 'perplexity':
+    if files:
+      key = hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:8]
+      name = f'perplexity-{_tag(info)}-files-{key}.json'
+    else:
+      name = f'perplexity-{_tag(info)}-val.json'
+    out_path = os.path.join(out_dir, name) if out_dir else os.path.join(base, name)
+    return run_perplexity(model, tokenizer, info, out_path=out_path, config=config,
+                          workdir=os.path.abspath(workdir) if workdir else None, files=files,
+                          seq_len=seq_len, eval_batches=eval_batches,
+                          batch_size=eval_batch_size,
+                          progress=humaneval_kwargs.get('progress', True))
+  raise ValueError(f'unknown suite {suite!r}')
+
+
+def format_summary(s: dict) -> str:
+  if s['suite'] == 'humaneval':
+    ks = ', '.join(f'{k} = {v:.4f}' for k, v in s.items() if k.startswith('pass@'))
+    return (f'humaneval: {ks}  ({s["problems_solved"]}/{s["problems"]} problems solved, '
+            f'{s["samples_passed"]}/{s["samples"]} samples passed; {s["status_counts"]})\n'
+            f'  sandbox: {s["isolation"]}\n  results: {s["out_dir"]}')
+  return (f'perplexity ({s["source"]}): {s["bits_per_byte"]:.4f} bits/byte, token perplexity '
+          f'{s["token_perplexity"]:.3f} ({s["tokens"]:,} tokens, {s["bytes"]:,} bytes, '
+          f'byte counts agree: {s["byte_counts_agree"]})\n  results: {s["out_path"]}')
