@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -64,6 +65,9 @@ def parse_args(argv=None):
   p.add_argument('--gate_mode', default='hidden', choices=['hidden', 'query'])
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out', default=None, help='write the results as JSON here')
+  p.add_argument('--torch_baseline', action='store_true',
+                 help="also time the exported PyTorch model's generate() (PLT R=2, same weights)")
+  p.add_argument('--torch_threads', type=int, default=1, help='torch threads for the baseline')
   args = p.parse_args(argv)
   if args.small:  # a smoke test: tiny model, batch 1, fast compiles (timings mean little)
     args.rounds, args.steps, args.warmup, args.prompt_len = 3, 5, 2, 24
@@ -177,6 +181,23 @@ class Run:
     return self.result
 
 
+def torch_baseline(weights: 'Weights', base: ModelConfig, args, batch: int) -> dict:
+  """Exports PLT R=2 (same weights) to a temporary HF dir and times its PyTorch generate()."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from plt_jax import hf  # pylint: disable=g-import-not-at-top
+  from plt_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+
+  model = weights.model(base.replace(num_loops=2))
+  rng = np.random.default_rng(args.seed)
+  prompts = rng.integers(3, base.vocab_size, (batch, args.prompt_len)).tolist()
+  with tempfile.TemporaryDirectory() as d:
+    tok = tok_lib.build_tokenizer('byte', workdir=d)
+    hf_dir = hf.export_model(model, tok, os.path.join(d, 'hf'), dtype=args.dtype)
+    t = hf.torch_generate_timing(hf_dir, prompts, args.steps + 1, threads=args.torch_threads)
+  return {'batch': batch, 'torch_step_ms': 1e3 * t['decode_s_per_token'],
+          'torch_prefill_s': t['prefill_s'], 'torch_threads': args.torch_threads}
+
+
 def _fmt_bytes(n: int) -> str:
   for unit in ('B', 'KiB', 'MiB', 'GiB'):
     if n < 1024 or unit == 'GiB':
@@ -229,6 +250,11 @@ def run(args) -> dict:
       if a in by_name and b in by_name:
         ratios[f'{a}/{b}'] = by_name[a]['step_ms'] / by_name[b]['step_ms']
     out['ratios'][f'batch{batch}'] = ratios
+    if args.torch_baseline and 'plt_R2' in by_name:
+      tb = torch_baseline(weights, base, args, batch)
+      tb['jax_plt_R2_step_ms'] = by_name['plt_R2']['step_ms']
+      tb['torch_over_jax'] = tb['torch_step_ms'] / tb['jax_plt_R2_step_ms']
+      out.setdefault('torch_baseline', []).append(tb)
     if batch == 1:
       out['targets'] = {k: {'ratio': ratios[k], 'target': v, 'met': ratios[k] <= v}
                         for k, v in TARGETS.items() if k in ratios}
@@ -249,6 +275,10 @@ def print_table(out: dict) -> None:
           f'{_fmt_bytes(r.get("step_temp_bytes", 0)):>10}')
   for batch, ratios in out['ratios'].items():
     print(f'\n{batch} latency ratios: ' + ', '.join(f'{k} {v:.2f}' for k, v in ratios.items()))
+  for tb in out.get('torch_baseline', []):
+    print(f"batch {tb['batch']}: exported PyTorch generate() {tb['torch_step_ms']:.2f} ms/token "
+          f"({tb['torch_threads']} thread(s)) vs plt_jax PLT R=2 {tb['jax_plt_R2_step_ms']:.2f} "
+          f"ms/token: torch / jax = {tb['torch_over_jax']:.2f}")
   if out['targets']:
     print('targets at batch 1: ' + ', '.join(
         f'{k} {t["ratio"]:.2f} <= {t["target"]} {"met" if t["met"] else "MISSED"}'
