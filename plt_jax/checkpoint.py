@@ -80,13 +80,23 @@ class _FrozenIteratorState:
 # --------------------------------------------------------------------------- the manager
 
 class Checkpointer:
-  """An async Orbax CheckpointManager keeping the last `max_to_keep` complete steps."""
+  """An async Orbax CheckpointManager keeping the last `max_to_keep` complete steps.
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+  read_only: for readers (inference, evaluation, export) that may run while training writes
+  to the same directory; they neither save nor delete, in particular not the temporary
+  directory of a save in flight (a writer removes stale ones when it starts).
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
     self.directory = os.path.abspath(os.path.expanduser(directory))
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                             enable_async_checkpointing=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+          enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def all_steps(self) -> list[int]:
@@ -94,6 +104,10 @@ class Checkpointer:
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
+
+  def has_item(self, step: int, name: str) -> bool:
+    """Whether complete step `step` holds item `name` (an imported checkpoint has no 'data')."""
+    return os.path.isdir(os.path.join(self.directory, str(step), name))
 
   def save(self, step: int, params: nnx.State, opt_state: nnx.State, data_state: Any,
            meta: dict, *, force: bool = True) -> bool:
@@ -172,7 +186,7 @@ def load_for_inference(workdir: str, step: Optional[int] = None, mesh=None):
   ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f'no checkpoints in {workdir!r} (expected {ckpt_dir})')
-  ckpt = Checkpointer(ckpt_dir, async_save=False)
+  ckpt = Checkpointer(ckpt_dir, read_only=True)
   try:
     steps = ckpt.all_steps()
     if not steps:

@@ -125,7 +125,7 @@ class ModelConfig:
 # Presets shared by configs/r*.py; they differ only in num_loops.
 PRESETS: dict[str, dict[str, Any]] = {
     # Trains on a 2-core CPU in minutes.
-    'default': dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, ffn_dim=704,
+    'default': dict(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, ffn_dim=384,
                     max_seq_len=2048, window_size=65),
     '125m': dict(vocab_size=32768, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4,
                  ffn_dim=2048, max_seq_len=4096, window_size=65),

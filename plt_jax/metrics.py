@@ -111,10 +111,10 @@ def plot_loss_curve(jsonl_path: str, png_path: str, title: str = '') -> Optional
     steps = sorted(train)
     loss = [train[s] for s in steps]
     ax.plot(steps, loss, color='tab:blue', alpha=0.25, lw=0.8)
-    ema, smooth = None, []
-    for x in loss:
-      ema = x if ema is None else 0.9 * ema + 0.1 * x
-      smooth.append(ema)
+    ema, smooth = 0.0, []
+    for i, x in enumerate(loss, start=1):
+      ema = 0.9 * ema + 0.1 * x
+      smooth.append(ema / (1 - 0.9 ** i))  # bias-corrected, so the start does not lag
     ax.plot(steps, smooth, color='tab:blue', lw=1.6, label='train (EMA 0.9)')
   if val:
     steps = sorted(val)
@@ -138,6 +138,7 @@ class Progress:
   """tqdm bar: step/total, loss, tokens/s and ETA (tqdm's rate of recent steps)."""
 
   def __init__(self, total: int, initial: int, enabled: bool = True):
+    self.enabled = enabled
     self.bar = tqdm.tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr,
                          unit='step', dynamic_ncols=True, mininterval=1.0, smoothing=0.1,
                          desc='train')
@@ -148,7 +149,8 @@ class Progress:
                           for k, v in postfix.items()}, refresh=False)
 
   def write(self, line: str) -> None:
-    self.bar.write(line, file=sys.stderr)
+    if self.enabled:
+      self.bar.write(line, file=sys.stderr)
 
   def close(self) -> None:
     self.bar.close()

@@ -337,6 +337,18 @@ class _StopSignal:
       signal.signal(sig, old)
 
 
+def _stop_requested(signals: _StopSignal, step: int, every: int = 10) -> bool:
+  """Single process: the local flag. Several: all processes agree (every `every` steps), so
+  they stop, and save, at the same step."""
+  if jax.process_count() == 1:
+    return signals.received is not None
+  if step % every:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.int32(signals.received is not None))
+  return bool(np.any(flags))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns a summary of the run and its outputs."""
   t_start = time.time()
@@ -354,10 +366,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- data and tokenizer (the tokenizer lands in workdir/tokenizer) ---
   from plt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   t = config.train
-  data = data_lib.build_data(config.data, seq_len=t.seq_len, batch_size=t.batch_size,
-                             seed=config.seed, workdir=workdir,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count())
+  build = lambda: data_lib.build_data(  # pylint: disable=g-long-lambda
+      config.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed,
+      workdir=workdir, process_index=jax.process_index(), process_count=jax.process_count())
+  if jax.process_count() == 1:
+    data = build()
+  else:  # process 0 trains the tokenizer and fills the cache; the others then reuse them
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if is_main:
+      data = build()
+    multihost_utils.sync_global_devices('plt_jax: data ready')
+    if not is_main:
+      data = build()
   tok = data.tokenizer
   if t.vocab_from_tokenizer:
     config.model.vocab_size = _round_up(tok.vocab_size, max(1, t.vocab_multiple))
@@ -389,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     restored = ckpt.restore(
         latest, params_target=ckpt_lib.abstract_tree(abstract['model'], shardings['model']),
         opt_target=ckpt_lib.abstract_tree(abstract['optimizer'], shardings['optimizer']),
-        data_iter=data.train_iter)
+        data_iter=data.train_iter if ckpt.has_item(latest, 'data') else None)
     state = ckpt_lib.tree_into_state(
         abstract, {'model': restored['params'], 'optimizer': restored['opt_state']})
     start_step = int(latest)
@@ -500,8 +520,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step += 1
         drain()  # step - 1's metrics, read while step runs
         pending = _Pending(step, metrics)
-        if signals.received:
-          stop = signals.received
+        if _stop_requested(signals, step):
+          stop = signals.received or 'signal on another process'
           break
         if do_eval and (step % config.eval.every == 0 or step == end_step):
           drain()
@@ -516,7 +536,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       drain()
       if stop:
         save(step)
-        say(f'\n{stop}: saved a checkpoint at step {step}; run the same command to resume.')
     except NonFiniteLossError:
       progress.close()
       ckpt.close()
@@ -524,6 +543,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       raise
     finally:
       progress.close()
+  if stop:
+    say(f'{stop}: saved a checkpoint at step {step}; run the same command to resume.')
   ckpt.close()
   writer.flush()
   png = metrics_lib.plot_loss_curve(writer.jsonl_path, writer.png_path, title) if is_main else None

@@ -69,7 +69,7 @@ def train_losses(workdir) -> dict[int, float]:
 
 
 def restore_raw(workdir, step) -> dict:
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   try:
     return ckpt.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(), opt_state=ocp.args.StandardRestore()))
@@ -134,13 +134,15 @@ def test_sigkill_mid_run_resumes_from_the_newest_complete_checkpoint(straight, t
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
   killed = train_losses(workdir)
-  complete = ckpt_lib.Checkpointer(ckdir).all_steps()
+  reader = ckpt_lib.Checkpointer(ckdir, read_only=True)
+  complete = reader.all_steps()
+  reader.close()
   newest = complete[-1]
   # Async saves may trail the logged steps; those after `newest` are the ones lost.
   assert 4 <= newest < STEPS and max(killed) >= newest, (complete, max(killed))
   # A torn save newer than every complete one must never be picked: fake one.
-  torn = os.path.join(ckdir, f'{newest + 4}.orbax-checkpoint-tmp')
-  shutil.copytree(os.path.join(ckdir, str(newest)), torn, dirs_exist_ok=True)
+  torn = os.path.join(ckdir, f'{STEPS + 100}.orbax-checkpoint-tmp')
+  shutil.copytree(os.path.join(ckdir, str(newest)), torn)
   shutil.rmtree(os.path.join(torn, 'params'))
 
   summary = train.train_and_evaluate(make_config(), workdir)
@@ -183,7 +185,8 @@ def test_load_for_inference_restores_params_only(straight):
   raw = restore_raw(straight, STEPS)['params']
   assert max_abs_diff(nnx.to_pure_dict(nnx.state(model)), raw) == 0.0
   assert cfg.model.num_layers == 1 and cfg.model.vocab_size == 384 and tok.vocab_size == 259
-  older = sorted(ckpt_lib.Checkpointer(os.path.join(straight, 'checkpoints')).all_steps())[0]
+  older = ckpt_lib.Checkpointer(os.path.join(straight, 'checkpoints'),
+                                read_only=True).all_steps()[0]
   model_old, _, _ = ckpt_lib.load_for_inference(straight, step=older)
   assert max_abs_diff(nnx.to_pure_dict(nnx.state(model_old)), raw) > 0
   with pytest.raises(ValueError, match='step 7 not found'):

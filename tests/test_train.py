@@ -304,7 +304,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(repeated_text_dir, tm
   monkeypatch.setattr(data_lib, 'build_data', build)
   with pytest.raises(train.NonFiniteLossError, match=r'step 13: loss=nan.*checkpoint is step 10'):
     train.train_and_evaluate(overfit_config(repeated_text_dir), str(tmp_path))
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'checkpoints'))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'checkpoints'), read_only=True)
   assert ckpt.all_steps() == [10]
   ckpt.close()
   model, _, _ = ckpt_lib.load_for_inference(str(tmp_path))
