@@ -179,12 +179,6 @@ def _layer(layer, x_BSD: Array, positions_BS: Array, attend: Callable,
   return x + _rowwise(lambda h: layer.mlp(layer.post_attention_layernorm(h)), per_row, x)
 
 
-def _clp(cfg: ModelConfig, e: Array, shifted: Array) -> Array:
-  """CLP input a*E[t] + b*hn[t-1], the exact arithmetic of `PLT.loop_input`."""
-  return (cfg.emb_scale * e.astype(jnp.float32)
-          + cfg.hidden_scale * shifted.astype(jnp.float32)).astype(e.dtype)
-
-
 def _gather_rows(x_BS_: Array, idx_B: Array) -> Array:
   """x[b, idx[b]] for every b: [B, S, ...] -> [B, 1, ...]."""
   idx = idx_B.reshape((-1, 1) + (1,) * (x_BS_.ndim - 2))
@@ -278,7 +272,7 @@ def plt_decode_step(model, cache: PLTCache, tokens_B: Array, *, row_matmul: str 
   for r in range(1, R):
     # Row r is loop r+1 of token t; its CLP input reads loop r's output at t-1 (saved last step).
     prev = jnp.where((pos > 0)[:, None, None], cache.hidden[r - 1][:, None], 0)
-    rows.append(_clp(cfg, e, prev))
+    rows.append(model.clp(e, prev))
   x = jnp.concatenate(rows, axis=1)                                        # [B, R, D]
   positions = jnp.broadcast_to(pos[:, None], (b, R))
   # Every row sees loop-1 slots 0..pos (the global branch of rows >= 2 is the same causal read).

@@ -244,9 +244,13 @@ class PLT(nnx.Module):
     c = self.cfg
     if c.loop_mode == 'vanilla':
       return h_prev_BSD
-    shifted = shift_right(self.between_loops(h_prev_BSD), positions_BS)
-    return (c.emb_scale * e_BSD.astype(jnp.float32)
-            + c.hidden_scale * shifted.astype(jnp.float32)).astype(e_BSD.dtype)
+    return self.clp(e_BSD, shift_right(self.between_loops(h_prev_BSD), positions_BS))
+
+  def clp(self, e: Array, shifted: Array) -> Array:
+    """a*E + b*shifted (shifted = Norm_f(h_{r-1}) one token back); shared with decoding."""
+    c = self.cfg
+    return (c.emb_scale * e.astype(jnp.float32)
+            + c.hidden_scale * shifted.astype(jnp.float32)).astype(e.dtype)
 
   def run_loop(self, x_BSD: Array, positions_BS: Array, segment_ids_BS: Optional[Array],
                global_kv: Optional[list[tuple[Array, Array]]], *, capture: bool = False) -> LoopOut:
