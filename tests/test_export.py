@@ -284,6 +284,24 @@ def test_generate_matches_jax_greedy(tc, exports, name):
     assert np.abs(step_logits - want_logits).max() < TOL
 
 
+@pytest.mark.parametrize('name', ['r2_hidden', 'r3_hidden'])
+def test_generate_from_prompt_shorter_than_window(tc, exports, name):
+  """Decoding grows the local rings from 2 tokens through W - 1 and beyond: every ring length
+  between empty and full (where an off-by-slice trims keys still inside the window) is visited."""
+  torch, _ = tc
+  model, d = exports[name]
+  tm = load_remote(tc, d)
+  prompts = random_tokens((2, 2), seed=12)
+  want_tokens, want_logits = jax_greedy(model, prompts, 12)
+  with torch.no_grad():
+    out = tm.generate(torch.as_tensor(prompts), attention_mask=torch.ones(prompts.shape),
+                      max_new_tokens=12, do_sample=False, output_logits=True,
+                      return_dict_in_generate=True, eos_token_id=TINY['vocab_size'],
+                      pad_token_id=0)
+  np.testing.assert_array_equal(out.sequences[:, 2:].numpy(), want_tokens)
+  assert np.abs(torch.stack(out.logits, 1).float().numpy() - want_logits).max() < TOL
+
+
 def test_generate_left_padded_batch(tc, exports):
   """A left-padded batch decodes each row as if it were alone (padding masked, CLP reset)."""
   torch, _ = tc

@@ -187,8 +187,10 @@ class PLTCache:
       k = torch.cat([self.keys[loop][layer], k], dim=2)
       v = torch.cat([self.values[loop][layer], v], dim=2)
     keep = k.shape[2] if (loop == 0 or self.local_window is None) else self.local_window
-    self.keys[loop][layer] = k[:, :, k.shape[2] - keep:] if keep else k[:, :, :0]
-    self.values[loop][layer] = v[:, :, v.shape[2] - keep:] if keep else v[:, :, :0]
+    # Clamp at 0: a negative start would slice from the end and drop keys still in the window.
+    start = max(k.shape[2] - keep, 0)
+    self.keys[loop][layer] = k[:, :, start:] if keep else k[:, :, :0]
+    self.values[loop][layer] = v[:, :, start:] if keep else v[:, :, :0]
     return k, v
 
   def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
