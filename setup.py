@@ -28,6 +28,8 @@ setup(
     python_requires='>=3.11',
     packages=find_packages(include=['plt_jax', 'plt_jax.*', 'kernels', 'kernels.*',
                                     'experiments', 'experiments.*', 'configs', 'configs.*']),
+    # Non-Python files read at run time: the CPU kernel's C++ source (compiled on first use).
+    package_data={'kernels': ['cpu/*.cc']},
     install_requires=JAX,
     extras_require={
         # PyTorch / Hugging Face side (export, import, parity tests). Pin torch: see README.

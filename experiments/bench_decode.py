@@ -3,10 +3,13 @@
   python -m experiments.bench_decode --out bench_decode.json           # ~100M params, batch 1 and 8
   python -m experiments.bench_decode --small                           # a quick run on a tiny model
 
-Modes: `plt` (the PLT step with row_matmul='auto': on CPU at batch 1 its R rows go through each
-weight matrix as R one-row products, elsewhere as one stacked product), `plt_stacked` (always one
-[B*R, D] product per matrix; listed where it differs from `plt`), `plt_per_row`, and `vanilla`
-(R sequential passes). Every configuration uses the same weights (drawn once; the vanilla model is
+Modes: `plt` (the PLT step, row_matmul='auto': on CPU its B*R rows go through each weight matrix
+with kernels/cpu_rows.py where that builds, elsewhere as one stacked XLA product), `plt_stacked`
+(always one [B*R, D] XLA product per matrix), `plt_per_row`, `plt_kernel`, and `vanilla` (R
+sequential passes of B rows, 'auto' as well; `vanilla_stacked` forces XLA's dot). A variant that
+resolves to the same row_matmul as another at some batch size is listed once.
+The `rows` column says how each configuration multiplied its rows (decode.resolve_row_matmul).
+Every configuration uses the same weights (drawn once; the vanilla model is
 the PLT model without its gates). Decode steps of all configurations are interleaved round by
 round, so load from other processes hits them alike, and each reported latency is the median over
 all measured steps after warm-up. One step = the jitted decode step (cache donated) + the argmax that feeds the next token.
@@ -53,8 +56,8 @@ def parse_args(argv=None):
   p.add_argument('--small', action='store_true', help='tiny model and few steps (smoke test)')
   p.add_argument('--loops', default='1,2,3,4', help='R values')
   p.add_argument('--modes', default='plt,plt_stacked,vanilla',
-                 help="plt (row_matmul 'auto'), plt_stacked, plt_per_row, vanilla; a PLT variant "
-                      "that resolves like 'plt' at some batch size is skipped there")
+                 help="LOOPMODE[_ROWMATMUL]: plt, plt_stacked, plt_per_row, plt_kernel, vanilla, "
+                      "vanilla_stacked; a variant resolving like another is run once")
   p.add_argument('--batch_sizes', default='1,8')
   p.add_argument('--prompt_len', type=int, default=64)
   p.add_argument('--warmup', type=int, default=4, help='decode steps before measuring')
@@ -121,8 +124,8 @@ class Run:
     self.model = weights.model(self.cfg)
     self.decoder = Decoder(self.model, max_len, row_matmul=row_matmul or 'auto', compiler_options=(
         {'xla_backend_optimization_level': 0} if args.small else None))
-    self.row_matmul = (resolve_row_matmul(row_matmul or 'auto', batch)
-                       if loop_mode == 'plt' and loops > 1 else '-')
+    rows = batch * loops if loop_mode == 'plt' else batch
+    self.row_matmul = resolve_row_matmul(row_matmul or 'auto', rows, self.cfg.dtype)
     rng = np.random.default_rng(args.seed + batch)
     self.prompts = [list(rng.integers(3, self.cfg.vocab_size, args.prompt_len))
                     for _ in range(batch)]
@@ -243,7 +246,7 @@ def run(args) -> dict:
     out['results'].extend(by_name.values())
     ratios = {}
     pairs = [('vanilla_R2', 'vanilla_R1'), ('vanilla_R4', 'vanilla_R1')]
-    for p in ('plt', 'plt_stacked', 'plt_per_row'):
+    for p in ('plt', 'plt_stacked', 'plt_per_row', 'plt_kernel'):
       pairs += [(f'{p}_R{r}', 'plt_R1') for r in (2, 3, 4)]
       pairs += [(f'{p}_R{r}', f'vanilla_R{r}') for r in (2, 3, 4)]
     for a, b in pairs:

@@ -4,7 +4,7 @@ PLT (shared/design/plt.md, "Decoding"): token t's loop r needs only E[t], the sa
 hn_{r-1}[t-1] = Norm_f(h_{r-1}[t-1]) from the previous step, loop 1's cache (including token t's
 own loop-1 K/V) and the last W keys/values of loop r. So one forward pass carries all R loops of
 the newest token as R rows of one [B, R, D] block: every projection is one matmul over the R rows
-(`row_matmul='stacked'`; on CPU at batch 1, 'auto' picks R one-row matmuls, see plt_decode_step).
+(`row_matmul`: how those few-row products run, see `resolve_row_matmul`).
 Per layer, row 1 writes its K/V to the loop-1 cache and row r >= 2 to loop r's ring of W slots;
 then every row attends over loop 1 (row 1: plain causal; rows >= 2: the global G-SWA branch) and
 rows >= 2 also over their own ring (the local branch), mixed by the layer's gate.
@@ -24,6 +24,7 @@ All functions here are pure: call them inside `jax.jit` on a merged model (see `
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 from typing import Callable, Optional
@@ -35,6 +36,7 @@ from flax import nnx
 
 from plt_jax.attention import make_mask, masked_attention, mix
 from plt_jax.config import ModelConfig
+from plt_jax.model import projection_matmul
 
 Array = jax.Array
 
@@ -146,16 +148,43 @@ def cache_nbytes(cache) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------------
 # Shared pieces
-ROW_MATMULS = ('auto', 'stacked', 'per_row')
+ROW_MATMULS = ('auto', 'stacked', 'per_row', 'kernel')
+# Up to this many rows per projection, the CPU kernel beats XLA:CPU's GEMM (bench_decode).
+KERNEL_MAX_ROWS = 16
 
 
-def resolve_row_matmul(row_matmul: str, batch: int) -> str:
-  """'auto': 'per_row' for batch 1 on CPU, else 'stacked' (see `plt_decode_step`)."""
+def resolve_row_matmul(row_matmul: str, rows: int, dtype: str = 'float32') -> str:
+  """How a decode step multiplies its `rows` (= batch * rows per sequence) by each weight.
+
+  'stacked': one [rows, D] product per matrix (XLA's dot). On accelerators, and for one row on
+    CPU (XLA:CPU's matrix-vector kernel), this is what makes R rows cost about one row.
+  'per_row': one product per row, back to back (XLA:CPU sends 2..8 rows to a GEMM that costs
+    about as much per row as separate matrix-vector products).
+  'kernel': `kernels/cpu_rows.py`, which streams each matrix once for all rows (CPU, float32).
+  'auto': 'kernel' on CPU for 2..KERNEL_MAX_ROWS float32 rows when it builds, else 'stacked'.
+  """
   if row_matmul not in ROW_MATMULS:
     raise ValueError(f'row_matmul={row_matmul!r}: must be one of {ROW_MATMULS}')
+  on_cpu = jax.default_backend() == 'cpu'
   if row_matmul == 'auto':
-    return 'per_row' if jax.default_backend() == 'cpu' and batch == 1 else 'stacked'
+    if on_cpu and 2 <= rows <= KERNEL_MAX_ROWS and dtype == 'float32':
+      from kernels import cpu_rows  # pylint: disable=import-outside-toplevel
+      if cpu_rows.available():
+        return 'kernel'
+    return 'stacked'
+  if row_matmul == 'kernel':
+    from kernels import cpu_rows  # pylint: disable=import-outside-toplevel
+    if not on_cpu or dtype != 'float32' or not cpu_rows.available():
+      raise ValueError(f"row_matmul='kernel' needs the CPU backend, float32 and a C++ compiler "
+                       f'(backend {jax.default_backend()}, dtype {dtype}; see kernels/cpu_rows.py)')
   return row_matmul
+
+
+def _matmul_context(mode: str):
+  if mode != 'kernel':
+    return contextlib.nullcontext()
+  from kernels import cpu_rows  # pylint: disable=import-outside-toplevel
+  return projection_matmul(cpu_rows.rows_matmul)
 
 
 def _rowwise(fn: Callable, per_row: bool, *xs: Array):
@@ -254,11 +283,8 @@ def plt_decode_step(model, cache: PLTCache, tokens_B: Array, *, row_matmul: str 
   """One PLT decode step: all R loops of the newest token in ONE pass of R rows.
 
   Returns (logits [B, V] float32 for the token after `tokens`, updated cache).
-  row_matmul: 'stacked' multiplies the [B*R, D] rows by each weight matrix at once (what makes R
-  rows cost about one row on accelerators); 'per_row' does R matmuls of [B, D] back to back on the
-  same, cache-hot matrix. XLA:CPU turns a 1-row product into a fast matrix-vector kernel but
-  handles 2..8 rows with a general GEMM costing about as much per row, so 'per_row' is faster
-  there at batch 1 ('auto'). Both are the same math in one layer-major pass.
+  row_matmul: how the B*R rows meet each weight matrix (`resolve_row_matmul`); the same math
+  in one layer-major pass whichever is chosen.
   """
   cfg = model.cfg
   R, W = cfg.num_loops, cfg.window_size
@@ -284,6 +310,7 @@ def plt_decode_step(model, cache: PLTCache, tokens_B: Array, *, row_matmul: str 
     loc_mask = make_mask(loc_q, loc_kv, window=W, kv_valid=loc_kv >= 0)
     slot = jnp.mod(pos, W)
 
+  mode = resolve_row_matmul(row_matmul, b * R, cfg.dtype)
   k1, v1, k_loc, v_loc = list(cache.k1), list(cache.v1), list(cache.k_loc), list(cache.v_loc)
   for j, layer in enumerate(model.layers):
 
@@ -303,20 +330,24 @@ def plt_decode_step(model, cache: PLTCache, tokens_B: Array, *, row_matmul: str 
       y_mix = mix(gate, y[:, 1:], y_loc.reshape(b, R - 1, h, e_dim))
       return jnp.concatenate([y[:, :1], y_mix], axis=1)
 
-    x = _layer(layer, x, positions, attend,
-               per_row=resolve_row_matmul(row_matmul, b) == 'per_row')
+    with _matmul_context(mode):
+      x = _layer(layer, x, positions, attend, per_row=mode == 'per_row')
 
   hidden = cache.hidden
   if R > 1:
     hidden = jnp.swapaxes(model.between_loops(x[:, :R - 1]), 0, 1).astype(hidden.dtype)
-  logits = model.head(x[:, R - 1:])[:, 0]
+  with _matmul_context(mode):
+    logits = model.head(x[:, R - 1:])[:, 0]
   return logits, PLTCache(tuple(k1), tuple(v1), tuple(k_loc), tuple(v_loc), hidden, pos + 1)
 
 
-def vanilla_decode_step(model, cache: VanillaCache, tokens_B: Array):
-  """The baseline: R sequential passes of one row, each over its own full cache."""
+def vanilla_decode_step(model, cache: VanillaCache, tokens_B: Array, *,
+                        row_matmul: str = 'stacked'):
+  """The baseline: R sequential passes of one row, each over its own full cache.
+  row_matmul: as in `plt_decode_step`, for its B rows (1 at batch 1: XLA's dot)."""
   cfg = model.cfg
   b = tokens_B.shape[0]
+  mode = resolve_row_matmul(row_matmul, b, cfg.dtype)
   t_max = cache_max_len(cache)
   pos = cache.lengths
   bidx = jnp.arange(b)
@@ -335,16 +366,18 @@ def vanilla_decode_step(model, cache: VanillaCache, tokens_B: Array):
         v[j] = v[j].at[r, bidx, pos].set(vn[:, 0])
         return masked_attention(q, k[j][r], v[j][r], mask)
 
-      x = _layer(layer, x, positions, attend)
+      with _matmul_context(mode):
+        x = _layer(layer, x, positions, attend, per_row=mode == 'per_row')
     h = x
-  logits = model.head(h)[:, 0]
+  with _matmul_context(mode):
+    logits = model.head(h)[:, 0]
   return logits, VanillaCache(tuple(k), tuple(v), pos + 1)
 
 
 def decode_step(model, cache, tokens_B: Array, *, row_matmul: str = 'auto'):
   """Dispatches on the model's loop mode. Returns (logits [B, V], new cache)."""
   if model.cfg.loop_mode == 'vanilla':
-    return vanilla_decode_step(model, cache, tokens_B)
+    return vanilla_decode_step(model, cache, tokens_B, row_matmul=row_matmul)
   return plt_decode_step(model, cache, tokens_B, row_matmul=row_matmul)
 
 
@@ -416,8 +449,8 @@ class Decoder:
   def __init__(self, model, max_len: Optional[int] = None, *,
                compiler_options: Optional[dict] = None, row_matmul: str = 'auto'):
     """compiler_options: passed to jax.jit (tests use {'xla_backend_optimization_level': 0}).
-    row_matmul: how the PLT step multiplies its R rows ('auto', 'stacked', 'per_row')."""
-    resolve_row_matmul(row_matmul, 1)  # validates
+    row_matmul: how a step multiplies its rows by each weight (`resolve_row_matmul`)."""
+    resolve_row_matmul(row_matmul, 1, model.cfg.dtype)  # validates (and checks 'kernel' builds)
     self.cfg: ModelConfig = model.cfg
     self.max_len = int(max_len or self.cfg.max_seq_len)
     if not 1 <= self.max_len <= self.cfg.max_seq_len:

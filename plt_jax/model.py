@@ -14,6 +14,8 @@ axes. Shape suffixes: B batch, S sequence, D model width, H heads, K kv-heads, E
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Any, Optional
@@ -67,6 +69,22 @@ def rope(x_BSHE: Array, positions_BS: Array, theta: float) -> Array:
   return out.astype(x_BSHE.dtype)
 
 
+# The projections' matmul, jnp.dot unless a caller swaps it while tracing (decoding on CPU uses
+# a kernel for its few-row products, see plt_jax.decode). Same math either way.
+_PROJECTION_MATMUL: contextvars.ContextVar = contextvars.ContextVar('projection_matmul',
+                                                                    default=None)
+
+
+@contextlib.contextmanager
+def projection_matmul(fn):
+  """Within this context (at trace time) every `Linear` computes fn(x, kernel); None: jnp.dot."""
+  token = _PROJECTION_MATMUL.set(fn)
+  try:
+    yield
+  finally:
+    _PROJECTION_MATMUL.reset(token)
+
+
 class Linear(nnx.Module):
   """Bias-free projection; kernel stored [in, out] with logical axis names."""
 
@@ -75,7 +93,8 @@ class Linear(nnx.Module):
     self.dtype = _DTYPES[cfg.dtype]
 
   def __call__(self, x: Array) -> Array:
-    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    matmul = _PROJECTION_MATMUL.get() or jnp.dot
+    return matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
 class Gate(nnx.Module):

@@ -5,6 +5,7 @@ W = 3, so prompts below, at and far beyond W are cheap. Every parameter (gates i
 randomised, so a gating or shift bug cannot hide behind zero-initialised weights.
 """
 import functools
+import shutil
 import zlib
 
 import jax
@@ -22,6 +23,9 @@ from plt_jax.model import PLT
 TINY = dict(vocab_size=97, d_model=48, num_layers=2, num_heads=6, num_kv_heads=2, ffn_dim=80,
             window_size=3, rope_theta=10_000.0, max_seq_len=64)
 W = TINY['window_size']
+needs_cpu_kernel = pytest.mark.skipif(
+    jax.default_backend() != 'cpu' or not (shutil.which('g++') or shutil.which('c++')),
+    reason='kernels/cpu_rows.py builds with a C++ compiler, for the CPU backend')
 MAX_LEN = 19                      # cache slots; also the reference sequence length
 LENGTHS = (1, 3, 4, 11)           # prompts below, at, just past and far beyond W = 3
 FAST = {'xla_backend_optimization_level': 0}   # compile time dominates these tests
@@ -104,11 +108,16 @@ CONFIGS = [
     (3, 'plt', 'query', True),
     (4, 'plt', 'hidden', True),
     (4, 'plt', 'query', False),
-    (3, 'plt', 'hidden', True, 'per_row'),   # the CPU batch-1 variant: R matmuls of one row each
+    # On CPU 'auto' runs these batches' few-row products through kernels/cpu_rows.py (2 chunks
+    # of 8 rows at R >= 3); the accelerator path ('stacked') and 'per_row' are checked as well.
+    (3, 'plt', 'hidden', True, 'per_row'),
+    (3, 'plt', 'hidden', True, 'stacked'),
+    (4, 'plt', 'query', True, 'stacked'),
     (1, 'vanilla', 'hidden', True),
     (2, 'vanilla', 'hidden', True),
     (3, 'vanilla', 'hidden', True),
     (4, 'vanilla', 'hidden', True),
+    (2, 'vanilla', 'hidden', True, 'stacked'),
 ]
 
 
@@ -186,16 +195,16 @@ def test_each_row_reads_exactly_its_state():
       assert (diff > 1e-3) if changes else (diff == 0.0), f'{name}, step {step + 1}: {diff}'
 
 
-def _count_dots(jaxpr) -> int:
-  """dot_general equations, nested jaxprs (jit-wrapped helpers) included."""
+def _count_dots(jaxpr, primitive: str = 'dot_general') -> int:
+  """`primitive` equations (matmuls by default), nested jaxprs (jit-wrapped helpers) included."""
   n = 0
   for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == 'dot_general'
+    n += eqn.primitive.name == primitive
     for p in eqn.params.values():
       if hasattr(p, 'eqns'):
-        n += _count_dots(p)
+        n += _count_dots(p, primitive)
       elif hasattr(p, 'jaxpr') and hasattr(p.jaxpr, 'eqns'):
-        n += _count_dots(p.jaxpr)
+        n += _count_dots(p.jaxpr, primitive)
   return n
 
 
@@ -207,11 +216,26 @@ def test_plt_step_is_one_pass_of_r_rows(loop_mode):
     model = make(r, loop_mode)
     cache = init_cache(model.cfg, 2, 8)
     counts[r] = _count_dots(jax.make_jaxpr(
-        lambda c, t, m=model: decode.decode_step(m, c, t))(cache, jnp.zeros(2, jnp.int32)).jaxpr)
+        lambda c, t, m=model: decode.decode_step(m, c, t, row_matmul='stacked'))(
+            cache, jnp.zeros(2, jnp.int32)).jaxpr)
   if loop_mode == 'plt':
     assert counts[4] == counts[2]
   else:
     assert counts[4] - 1 == 2 * (counts[2] - 1)  # R x (layers' matmuls) + one LM head
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_step_is_one_pass_of_r_rows():
+  """With the CPU rows kernel every projection is one kernel call (<= 8 rows) whatever R is."""
+  calls = {}
+  for r in (2, 4):
+    model = make(r)
+    cache = init_cache(model.cfg, 2, 8)
+    jaxpr = jax.make_jaxpr(lambda c, t, m=model: decode.decode_step(m, c, t, row_matmul='kernel'))(
+        cache, jnp.zeros(2, jnp.int32)).jaxpr
+    calls[r] = _count_dots(jaxpr, 'ffi_call')
+  # 7 projections per layer; the LM head reads 1 row per sequence (2 rows: the kernel too).
+  assert calls[2] == calls[4] == 7 * make(2).cfg.num_layers + 1
 
 
 # ------------------------------------------------------------------------------------------------
