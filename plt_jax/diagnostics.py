@@ -274,9 +274,8 @@ def _json_safe(x):
 
 def write_report(results: dict[str, Any], out_dir: str, title: str = '') -> list[str]:
   """Writes diagnostics.json and one PNG per family (loops on the x-axis). Returns the paths."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  # A Figure, not pyplot: no global backend switch (a notebook's inline plots keep working).
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
   os.makedirs(out_dir, exist_ok=True)
   paths = [os.path.join(out_dir, 'diagnostics.json')]
@@ -285,7 +284,8 @@ def write_report(results: dict[str, Any], out_dir: str, title: str = '') -> list
   R = results['num_loops']
   loops = np.arange(1, R + 1)
   for family, metrics in FAMILIES.items():
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(metrics), 3.4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, (key, label) in zip(axes[0], metrics):
       vals = np.asarray(results[key], dtype=np.float64)
       if key == 'gate':
@@ -306,7 +306,6 @@ def write_report(results: dict[str, Any], out_dir: str, title: str = '') -> list
     fig.tight_layout()
     path = os.path.join(out_dir, f'diagnostics_{family}.png')
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     paths.append(path)
   return paths
 

@@ -103,10 +103,10 @@ def plot_loss_curve(jsonl_path: str, png_path: str, title: str = '') -> Optional
       target[r['step']] = r['loss']
   if not train and not val:
     return None
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+  # A Figure, not pyplot: no global backend switch (a notebook's inline plots keep working).
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(7, 4.2), dpi=110)
+  ax = fig.subplots()
   if train:
     steps = sorted(train)
     loss = [train[s] for s in steps]
@@ -129,7 +129,6 @@ def plot_loss_curve(jsonl_path: str, png_path: str, title: str = '') -> Optional
   fig.tight_layout()
   tmp = png_path + '.tmp.png'
   fig.savefig(tmp)
-  plt.close(fig)
   os.replace(tmp, png_path)
   return png_path
 

@@ -136,14 +136,14 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], root: str) -> list[str]:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  # Figures, not pyplot: no global backend switch (a notebook's inline plots keep working).
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   from plt_jax.metrics import read_jsonl  # pylint: disable=import-outside-toplevel
 
   paths = []
   plt_runs = sorted([r for r in results if r['loop_mode'] == 'plt'], key=lambda r: r['num_loops'])
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  fig = Figure(figsize=(5.5, 3.8))
+  ax = fig.subplots()
   if plt_runs:
     ax.plot([r['num_loops'] for r in plt_runs], [r['final_val_loss'] for r in plt_runs],
             marker='o', label='PLT')
@@ -159,9 +159,9 @@ def plot(results: list[dict], root: str) -> list[str]:
   fig.tight_layout()
   paths.append(os.path.join(root, 'val_loss_vs_loops.png'))
   fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
 
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  fig = Figure(figsize=(11, 3.8))
+  axes = fig.subplots(1, 2)
   for i, r in enumerate(results):
     rows = read_jsonl(r['metrics'])
     tr = [(x['step'], x['loss']) for x in rows if x.get('split') == 'train' and 'loss' in x]
@@ -178,7 +178,6 @@ def plot(results: list[dict], root: str) -> list[str]:
   fig.tight_layout()
   paths.append(os.path.join(root, 'loss_curves.png'))
   fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
   return paths
 
 
