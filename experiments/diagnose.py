@@ -6,6 +6,7 @@ prints a per-loop table. See plt_jax/diagnostics.py for the definitions.
 from absl import app, flags
 
 from plt_jax import diagnostics
+from experiments.common import quiet_library_logs
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training work dir (with checkpoints/).',
                                required=True)
@@ -17,6 +18,7 @@ _OUT = flags.DEFINE_string('out', '', 'Output dir (default: WORKDIR/diagnostics)
 
 def main(argv):
   del argv
+  quiet_library_logs()
   results, paths = diagnostics.diagnose_workdir(
       _WORKDIR.value, step=_STEP.value, max_batches=_MAX_BATCHES.value,
       batch_size=_BATCH_SIZE.value, out_dir=_OUT.value)

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from absl import app, flags
 
 from plt_jax.evaluation.runner import format_summary, run
+from experiments.common import quiet_library_logs
 
 
 _SUITE = flags.DEFINE_enum('suite', 'humaneval', ['humaneval', 'perplexity'], 'What to evaluate.')
@@ -61,6 +62,7 @@ _EVAL_BATCH_SIZE = flags.DEFINE_integer('eval_batch_size', 0,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  quiet_library_logs()
   suite = _SUITE.value
   kwargs: dict[str, Any] = dict(progress=_PROGRESS.value)
   if suite == 'humaneval':

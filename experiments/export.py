@@ -11,6 +11,7 @@ import sys
 
 from absl import app
 from absl import flags
+from experiments.common import quiet_library_logs
 
 flags.DEFINE_string('workdir', None, 'Training work dir (holds config.json, checkpoints/, tokenizer/).')
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest complete one).')
@@ -26,6 +27,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  quiet_library_logs()
   from plt_jax import hf  # pylint: disable=g-import-not-at-top
   try:
     out = hf.export_workdir(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,

@@ -13,6 +13,7 @@ from absl import app
 from absl import flags
 
 from plt_jax.hf.importer import import_as_workdir
+from experiments.common import quiet_library_logs
 
 flags.DEFINE_string('hf_dir', None, 'Hugging Face model directory (config.json + safetensors).')
 flags.DEFINE_string('workdir', None, 'Work dir to create (must not hold a run).')
@@ -27,6 +28,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  quiet_library_logs()
   try:
     out = import_as_workdir(FLAGS.hf_dir, FLAGS.workdir, preset=FLAGS.preset, dtype=FLAGS.dtype)
   except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+from experiments.common import quiet_library_logs
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config, e.g. configs/r2.py[:preset].',
                                 lock_config=True)
@@ -33,8 +34,7 @@ def default_workdir(config) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:  # Orbax logs every file it writes at INFO
-    logging.set_verbosity(logging.WARNING)
+  quiet_library_logs()
   # Imported here so that --help stays fast and distributed init precedes all JAX work.
   from plt_jax import train  # pylint: disable=g-import-not-at-top
   try:

@@ -8,6 +8,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from plt_jax import sweep
+from experiments.common import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/sweep.py', 'Sweep config file.',
                                           lock_config=True)
@@ -16,6 +17,7 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/sweep', 'Root dir; one sub-dir p
 
 def main(argv):
   del argv
+  quiet_library_logs()
   sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
 
 
