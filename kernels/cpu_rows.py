@@ -96,6 +96,8 @@ def rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   More than MAX_ROWS rows go through in chunks of MAX_ROWS, each streaming w once; a single row
   goes to XLA's dot.
   """
+  if not available():  # builds and registers on first use in this process
+    raise RuntimeError('the CPU rows-matmul kernel is unavailable here (see the logged reason)')
   if x.dtype != jnp.float32 or w.dtype != jnp.float32 or w.ndim != 2:
     raise ValueError(f'rows_matmul: float32 x [..., D] and w [D, F]; got {x.dtype}{x.shape}, '
                      f'{w.dtype}{w.shape}')

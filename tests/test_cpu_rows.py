@@ -1,4 +1,5 @@
 """kernels/cpu_rows.py: the CPU few-row matmul (XLA FFI) against float64 numpy."""
+import os
 import shutil
 
 import jax
@@ -49,6 +50,17 @@ def test_leading_dims_and_rows_are_independent():
   np.testing.assert_array_equal(np.delete(got.reshape(6, -1), 5, 0),
                                 np.delete(got2.reshape(6, -1), 5, 0))
   assert np.abs(got2[1, 2] - got[1, 2]).max() > 1.0
+
+
+def test_first_use_registers_the_kernel():
+  """A fresh process whose first call is rows_matmul (pytest-xdist workers, users) works."""
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  code = ('import jax, numpy as np; from kernels import cpu_rows; '
+          'x = np.arange(6, dtype=np.float32).reshape(2, 3); w = np.ones((3, 5), np.float32); '
+          'print(float(np.asarray(jax.jit(cpu_rows.rows_matmul)(x, w)).sum()))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.stdout.strip().splitlines()[-1] == '75.0'  # (0+1+2 + 3+4+5) * 5 columns
 
 
 def test_rejects_other_dtypes():
