@@ -197,15 +197,12 @@ def _rowwise(fn: Callable, per_row: bool, *xs: Array):
 
 def _layer(layer, x_BSD: Array, positions_BS: Array, attend: Callable,
            per_row: bool = False) -> Array:
-  """DecoderLayer.__call__ with the attention swapped for `attend(q, k, v, x) -> y` (cached).
+  """The model's DecoderLayer with its attention replaced by `attend(q, k, v, x) -> y` (cached).
 
   per_row: run the projections and the MLP row by row (same math, R matmuls of one row each).
   """
-  u = layer.input_layernorm(x_BSD)
-  q, k, v = _rowwise(layer.self_attn.qkv, per_row, u, positions_BS)
-  y = attend(q, k, v, x_BSD)
-  x = x_BSD + _rowwise(layer.self_attn.out, per_row, y)
-  return x + _rowwise(lambda h: layer.mlp(layer.post_attention_layernorm(h)), per_row, x)
+  q, k, v = _rowwise(layer.project, per_row, x_BSD, positions_BS)
+  return _rowwise(layer.finish, per_row, x_BSD, attend(q, k, v, x_BSD))
 
 
 def _gather_rows(x_BS_: Array, idx_B: Array) -> Array:

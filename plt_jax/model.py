@@ -192,8 +192,7 @@ class DecoderLayer(nnx.Module):
                global_kv: Optional[tuple[Array, Array]], *, window: int,
                impl: attn_lib.AttentionImpl, capture: bool = False):
     """One layer. `global_kv=None`: causal self-attention; otherwise G-SWA over (K1, V1)."""
-    u = self.input_layernorm(x_BSD)
-    q, k, v = self.self_attn.qkv(u, positions_BS)
+    q, k, v = self.project(x_BSD, positions_BS)
     gate = probs = None
     if global_kv is None:
       y = impl.causal(q, k, v, segment_ids_BS, **({'return_probs': True} if capture else {}))
@@ -207,10 +206,18 @@ class DecoderLayer(nnx.Module):
       if capture:
         y, probs = y
     y = checkpoint_name(y, 'attention_out')
-    x = x_BSD + self.self_attn.out(y)
-    x = x + self.mlp(self.post_attention_layernorm(x))
-    x = constrain(x, ('batch', 'seq', 'act_embed'))
+    x = constrain(self.finish(x_BSD, y), ('batch', 'seq', 'act_embed'))
     return x, LayerOut(k, v, gate, probs)
+
+  # The layer around its attention, in two halves (cached decoding brings its own attention).
+  def project(self, x_BSD: Array, positions_BS: Array):
+    """Pre-attention norm, then the post-RoPE q [B,S,H,E], k, v [B,S,K,E]."""
+    return self.self_attn.qkv(self.input_layernorm(x_BSD), positions_BS)
+
+  def finish(self, x_BSD: Array, y_BSHE: Array) -> Array:
+    """Output projection and residual, then the MLP block and its residual."""
+    x = x_BSD + self.self_attn.out(y_BSHE)
+    return x + self.mlp(self.post_attention_layernorm(x))
 
 
 @functools.partial(jax.tree_util.register_dataclass,
