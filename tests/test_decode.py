@@ -108,11 +108,12 @@ CONFIGS = [
     (3, 'plt', 'query', True),
     (4, 'plt', 'hidden', True),
     (4, 'plt', 'query', False),
-    # On CPU 'auto' runs these batches' few-row products through kernels/cpu_rows.py (2 chunks
-    # of 8 rows at R >= 3); the accelerator path ('stacked') and 'per_row' are checked as well.
+    # On CPU 'auto' runs these batches' few-row products (B*R <= 8) through kernels/cpu_rows.py;
+    # the accelerator path ('stacked'), 'per_row' and 'kernel' beyond 8 rows are checked too.
     (3, 'plt', 'hidden', True, 'per_row'),
     (3, 'plt', 'hidden', True, 'stacked'),
     (4, 'plt', 'query', True, 'stacked'),
+    (4, 'plt', 'hidden', False, 'kernel'),   # 16 rows: two kernel calls of 8 per projection
     (1, 'vanilla', 'hidden', True),
     (2, 'vanilla', 'hidden', True),
     (3, 'vanilla', 'hidden', True),
