@@ -288,13 +288,16 @@ def print_table(out: dict) -> None:
         for k, t in out['targets'].items()))
 
 
+def write_json(out: dict, path) -> None:
+  if path:
+    with open(path, 'w') as f:
+      json.dump(out, f, indent=2)
+    print(f'wrote {path}')
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
-  out = run(args)
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(out, f, indent=2)
-    print(f'wrote {args.out}')
+  write_json(run(args), args.out)
   return 0
 
 

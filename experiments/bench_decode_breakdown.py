@@ -12,7 +12,6 @@ effective bandwidth at which the weights are streamed.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.bench_decode import BENCH_MODEL, SMALL_MODEL, Weights
+from experiments.bench_decode import BENCH_MODEL, SMALL_MODEL, Weights, write_json
 from plt_jax.config import ModelConfig
 from plt_jax.decode import Decoder, resolve_row_matmul
 
@@ -105,11 +104,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.small:
     args.rounds, args.warmup, args.prompt_len = 6, 2, 16
-  out = run(args)
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(out, f, indent=2)
-    print(f'wrote {args.out}')
+  write_json(run(args), args.out)
   return 0
 
 
