@@ -29,7 +29,7 @@ setup(
     packages=find_packages(include=['plt_jax', 'plt_jax.*', 'kernels', 'kernels.*',
                                     'experiments', 'experiments.*', 'configs', 'configs.*']),
     # Non-Python files read at run time: the CPU kernel's C++ source (compiled on first use).
-    package_data={'kernels': ['cpu/*.cc']},
+    package_data={'kernels': ['cpu/*.cc', 'cpu/*.h']},
     install_requires=JAX,
     extras_require={
         # PyTorch / Hugging Face side (export, import, parity tests). Pin torch: see README.

@@ -11,7 +11,7 @@ from configs import base
 
 SWEEP_TRAIN = {
     # Smaller than a single default run so that all five variants fit in ~45 CPU minutes.
-    'default': dict(steps=150, batch_size=16, seq_len=256, eval_every=50, ckpt_every=50),
+    'default': dict(steps=120, batch_size=16, seq_len=256, eval_every=40, ckpt_every=40),
 }
 
 

@@ -3,12 +3,14 @@
   python -m experiments.bench_decode --out bench_decode.json           # ~100M params, batch 1 and 8
   python -m experiments.bench_decode --small                           # a quick run on a tiny model
 
-Modes: `plt` (the PLT step, row_matmul='auto': on CPU its B*R rows go through each weight matrix
-with kernels/cpu_rows.py where that builds, elsewhere as one stacked XLA product), `plt_stacked`
-(always one [B*R, D] XLA product per matrix), `plt_per_row`, `plt_kernel`, and `vanilla` (R
-sequential passes of B rows, 'auto' as well; `vanilla_stacked` forces XLA's dot). A variant that
-resolves to the same row_matmul as another at some batch size is listed once.
-The `rows` column says how each configuration multiplied its rows (decode.resolve_row_matmul).
+Modes are LOOPMODE[_ROWMATMUL][+ATTENTION]: `plt` (the PLT step with row_matmul='auto' and
+attention='auto': on CPU its B*R rows go through each weight matrix with kernels/cpu_rows.py and
+each layer's cached attention through kernels/cpu_decode.py where they build; elsewhere one
+stacked XLA product and XLA attention), `plt_stacked` (always one [B*R, D] XLA product per
+matrix), `plt_per_row`, `plt_kernel`, `plt+xla` (XLA's attention ops instead of the kernel), and
+`vanilla` (R sequential passes of B rows, 'auto' as well; `vanilla_stacked`, `vanilla+xla`).
+A variant that resolves like another at some batch size is listed once. The `rows` and `attn`
+columns say how each configuration ran (decode.resolve_row_matmul / resolve_attention).
 Every configuration uses the same weights (drawn once; the vanilla model is
 the PLT model without its gates). Decode steps of all configurations are interleaved round by
 round, so load from other processes hits them alike, and each reported latency is the median over
@@ -34,7 +36,8 @@ import numpy as np
 from flax import nnx
 
 from plt_jax.config import ModelConfig
-from plt_jax.decode import Decoder, cache_nbytes, kv_cache_bytes, resolve_row_matmul
+from plt_jax.decode import (Decoder, cache_nbytes, kv_cache_bytes, resolve_attention,
+                            resolve_row_matmul)
 from plt_jax.model import PLT
 
 # About 101M parameters (75.5M in the 12 layers, 25.2M each in embedding and head): at batch 1 a
@@ -55,9 +58,10 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--small', action='store_true', help='tiny model and few steps (smoke test)')
   p.add_argument('--loops', default='1,2,3,4', help='R values')
-  p.add_argument('--modes', default='plt,plt_stacked,vanilla',
-                 help="LOOPMODE[_ROWMATMUL]: plt, plt_stacked, plt_per_row, plt_kernel, vanilla, "
-                      "vanilla_stacked; a variant resolving like another is run once")
+  p.add_argument('--modes', default='plt,plt_stacked,plt+xla,vanilla',
+                 help="LOOPMODE[_ROWMATMUL][+ATTENTION]: plt, plt_stacked, plt_per_row, "
+                      "plt_kernel, plt+xla, vanilla, vanilla_stacked, vanilla+xla; a variant "
+                      "resolving like another is run once")
   p.add_argument('--batch_sizes', default='1,8')
   p.add_argument('--prompt_len', type=int, default=64)
   p.add_argument('--warmup', type=int, default=4, help='decode steps before measuring')
@@ -119,18 +123,22 @@ class Run:
   def __init__(self, weights: Weights, base: ModelConfig, mode: str, loops: int, batch: int,
                args, max_len: int):
     self.mode, self.loops, self.batch = mode, loops, batch
-    loop_mode, _, row_matmul = mode.partition('_')
+    mode_rows, _, attention = mode.partition('+')
+    loop_mode, _, row_matmul = mode_rows.partition('_')
     self.cfg = base.replace(loop_mode=loop_mode, num_loops=loops)
     self.model = weights.model(self.cfg)
-    self.decoder = Decoder(self.model, max_len, row_matmul=row_matmul or 'auto', compiler_options=(
-        {'xla_backend_optimization_level': 0} if args.small else None))
+    self.decoder = Decoder(self.model, max_len, row_matmul=row_matmul or 'auto',
+                           attention=attention or 'auto', compiler_options=(
+                               {'xla_backend_optimization_level': 0} if args.small else None))
     rows = batch * loops if loop_mode == 'plt' else batch
     self.row_matmul = resolve_row_matmul(row_matmul or 'auto', rows, self.cfg.dtype)
+    self.attention = resolve_attention(attention or 'auto', self.cfg.dtype)
     rng = np.random.default_rng(args.seed + batch)
     self.prompts = [list(rng.integers(3, self.cfg.vocab_size, args.prompt_len))
                     for _ in range(batch)]
     self.step_times: list[float] = []
-    self.result: dict = {'mode': mode, 'R': loops, 'batch': batch, 'row_matmul': self.row_matmul}
+    self.result: dict = {'mode': mode, 'R': loops, 'batch': batch, 'row_matmul': self.row_matmul,
+                         'attention': self.attention}
 
   @property
   def name(self) -> str:
@@ -231,7 +239,7 @@ def run(args) -> dict:
     for m in modes:
       for r in loops:
         run_ = Run(weights, base, m, r, batch, args, max_len)
-        same = (run_.cfg.loop_mode, r, run_.row_matmul)
+        same = (run_.cfg.loop_mode, r, run_.row_matmul, run_.attention)
         if same not in seen:
           seen.add(same)
           runs.append(run_)
@@ -246,7 +254,7 @@ def run(args) -> dict:
     out['results'].extend(by_name.values())
     ratios = {}
     pairs = [('vanilla_R2', 'vanilla_R1'), ('vanilla_R4', 'vanilla_R1')]
-    for p in ('plt', 'plt_stacked', 'plt_per_row', 'plt_kernel'):
+    for p in (m for m in modes if m.startswith('plt')):
       pairs += [(f'{p}_R{r}', 'plt_R1') for r in (2, 3, 4)]
       pairs += [(f'{p}_R{r}', f'vanilla_R{r}') for r in (2, 3, 4)]
     for a, b in pairs:
@@ -267,11 +275,13 @@ def run(args) -> dict:
 
 
 def print_table(out: dict) -> None:
-  hdr = (f'{"batch":>5} {"mode":>11} {"rows":>7} {"R":>2} {"step ms":>9} {"p10-p90 ms":>15} '
+  hdr = (f'{"batch":>5} {"mode":>11} {"rows":>7} {"attn":>6} {"R":>2} {"step ms":>9} '
+         f'{"p10-p90 ms":>15} '
          f'{"tok/s":>8} {"prefill s":>9} {"KV bytes":>11} {"= formula":>9} {"step temp":>10}')
   print('\n' + hdr + '\n' + '-' * len(hdr))
   for r in out['results']:
-    print(f'{r["batch"]:>5} {r["mode"]:>11} {r["row_matmul"]:>7} {r["R"]:>2} {r["step_ms"]:>9.2f} '
+    print(f'{r["batch"]:>5} {r["mode"]:>11} {r["row_matmul"]:>7} {r["attention"]:>6} {r["R"]:>2} '
+          f'{r["step_ms"]:>9.2f} '
           f'{r["step_p10_ms"]:>7.2f}-{r["step_p90_ms"]:<7.2f} {r["tokens_per_s"]:>8.1f} '
           f'{r["prefill_s"]:>9.3f} {_fmt_bytes(r["kv_bytes"]):>11} '
           f'{str(r["kv_bytes"] == r["kv_bytes_formula"]):>9} '

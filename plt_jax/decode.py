@@ -7,7 +7,8 @@ the newest token as R rows of one [B, R, D] block: every projection is one matmu
 (`row_matmul`: how those few-row products run, see `resolve_row_matmul`).
 Per layer, row 1 writes its K/V to the loop-1 cache and row r >= 2 to loop r's ring of W slots;
 then every row attends over loop 1 (row 1: plain causal; rows >= 2: the global G-SWA branch) and
-rows >= 2 also over their own ring (the local branch), mixed by the layer's gate.
+rows >= 2 also over their own ring (the local branch), mixed by the layer's gate (`attention`:
+these XLA ops, or one in-place CPU kernel call per layer, see `resolve_attention`).
 
 Cache layout (choices documented here and in the benchmark):
   * Prompts are RIGHT-padded; `lengths[b]` counts sequence b's tokens in the cache, which is also
@@ -188,6 +189,34 @@ def _matmul_context(mode: str):
   return projection_matmul(cpu_rows.rows_matmul)
 
 
+ATTENTIONS = ('auto', 'xla', 'kernel')
+
+
+def resolve_attention(attention: str, dtype: str = 'float32') -> str:
+  """How a decode step runs each layer's cached attention (cache writes, both branches, mix).
+
+  'xla': the reference below (scatter, masked attention, window mask, gate mix) as XLA ops.
+  'kernel': `kernels/cpu_decode.py`, one in-place call per layer (CPU, float32); the same math.
+  'auto': 'kernel' on CPU for float32 when it builds, else 'xla'.
+  """
+  if attention not in ATTENTIONS:
+    raise ValueError(f'attention={attention!r}: must be one of {ATTENTIONS}')
+  if attention == 'xla':
+    return attention
+  from kernels import cpu_decode  # pylint: disable=import-outside-toplevel
+  if cpu_decode.supported(dtype):
+    return 'kernel'
+  if attention == 'kernel':
+    raise ValueError(f"attention='kernel' needs the CPU backend, float32 and a C++ compiler "
+                     f'(backend {jax.default_backend()}, dtype {dtype}; see kernels/cpu_ffi.py)')
+  return 'xla'
+
+
+def _cpu_decode_attention(*args, **kwargs):
+  from kernels import cpu_decode  # pylint: disable=import-outside-toplevel
+  return cpu_decode.decode_attention(*args, **kwargs)
+
+
 def _rowwise(fn: Callable, per_row: bool, *xs: Array):
   """fn over the row axis (1) at once, or one row at a time with the results concatenated."""
   if not per_row or xs[0].shape[1] == 1:
@@ -277,12 +306,14 @@ def prefill(model, tokens_BS: Array, lengths_B: Array, max_len: int, *,
 
 # ------------------------------------------------------------------------------------------------
 # Decode steps
-def plt_decode_step(model, cache: PLTCache, tokens_B: Array, *, row_matmul: str = 'stacked'):
+def plt_decode_step(model, cache: PLTCache, tokens_B: Array, *, row_matmul: str = 'stacked',
+                    attention: str = 'xla'):
   """One PLT decode step: all R loops of the newest token in ONE pass of R rows.
 
   Returns (logits [B, V] float32 for the token after `tokens`, updated cache).
-  row_matmul: how the B*R rows meet each weight matrix (`resolve_row_matmul`); the same math
-  in one layer-major pass whichever is chosen.
+  row_matmul: how the B*R rows meet each weight matrix (`resolve_row_matmul`); attention: how
+  each layer's cached attention runs (`resolve_attention`). The same math in one layer-major
+  pass whichever are chosen.
   """
   cfg = model.cfg
   R, W = cfg.num_loops, cfg.window_size
@@ -309,10 +340,19 @@ def plt_decode_step(model, cache: PLTCache, tokens_B: Array, *, row_matmul: str 
     slot = jnp.mod(pos, W)
 
   mode = resolve_row_matmul(row_matmul, b * R, cfg.dtype)
+  fused = resolve_attention(attention, cfg.dtype) == 'kernel'
   k1, v1, k_loc, v_loc = list(cache.k1), list(cache.v1), list(cache.k_loc), list(cache.v_loc)
   for j, layer in enumerate(model.layers):
 
     def attend(q, k, v, x_in, j=j, layer=layer):
+      if fused and R == 1:
+        y, k1[j], v1[j] = _cpu_decode_attention(q, k, v, pos, k1[j], v1[j])
+        return y
+      if fused:
+        gate = layer.self_attn.plt_gate(x_in[:, 1:], q[:, 1:])
+        y, k1[j], v1[j], k_loc[j], v_loc[j] = _cpu_decode_attention(
+            q, k, v, pos, k1[j], v1[j], gate=gate, k_ring=k_loc[j], v_ring=v_loc[j])
+        return y
       k1[j] = k1[j].at[bidx, pos].set(k[:, 0])
       v1[j] = v1[j].at[bidx, pos].set(v[:, 0])
       y = masked_attention(q, k1[j], v1[j], glob_mask)                     # [B, R, H, E]
@@ -340,12 +380,13 @@ def plt_decode_step(model, cache: PLTCache, tokens_B: Array, *, row_matmul: str 
 
 
 def vanilla_decode_step(model, cache: VanillaCache, tokens_B: Array, *,
-                        row_matmul: str = 'stacked'):
+                        row_matmul: str = 'stacked', attention: str = 'xla'):
   """The baseline: R sequential passes of one row, each over its own full cache.
-  row_matmul: as in `plt_decode_step`, for its B rows (1 at batch 1: XLA's dot)."""
+  row_matmul, attention: as in `plt_decode_step`, for its B rows (1 at batch 1: XLA's dot)."""
   cfg = model.cfg
   b = tokens_B.shape[0]
   mode = resolve_row_matmul(row_matmul, b, cfg.dtype)
+  fused = resolve_attention(attention, cfg.dtype) == 'kernel'
   t_max = cache_max_len(cache)
   pos = cache.lengths
   bidx = jnp.arange(b)
@@ -360,6 +401,9 @@ def vanilla_decode_step(model, cache: VanillaCache, tokens_B: Array, *,
     for j, layer in enumerate(model.layers):
       def attend(q, kn, vn, x_in, j=j, r=r):
         del x_in
+        if fused:
+          y, k[j], v[j] = _cpu_decode_attention(q, kn, vn, pos, k[j], v[j], slab=r)
+          return y
         k[j] = k[j].at[r, bidx, pos].set(kn[:, 0])
         v[j] = v[j].at[r, bidx, pos].set(vn[:, 0])
         return masked_attention(q, k[j][r], v[j][r], mask)
@@ -372,11 +416,11 @@ def vanilla_decode_step(model, cache: VanillaCache, tokens_B: Array, *,
   return logits, VanillaCache(tuple(k), tuple(v), pos + 1)
 
 
-def decode_step(model, cache, tokens_B: Array, *, row_matmul: str = 'auto'):
+def decode_step(model, cache, tokens_B: Array, *, row_matmul: str = 'auto',
+                attention: str = 'auto'):
   """Dispatches on the model's loop mode. Returns (logits [B, V], new cache)."""
-  if model.cfg.loop_mode == 'vanilla':
-    return vanilla_decode_step(model, cache, tokens_B, row_matmul=row_matmul)
-  return plt_decode_step(model, cache, tokens_B, row_matmul=row_matmul)
+  step = vanilla_decode_step if model.cfg.loop_mode == 'vanilla' else plt_decode_step
+  return step(model, cache, tokens_B, row_matmul=row_matmul, attention=attention)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,10 +471,12 @@ def _jitted_prefill(graphdef, compiler_options: tuple = ()):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_step(graphdef, compiler_options: tuple = (), row_matmul: str = 'auto'):
+def _jitted_step(graphdef, compiler_options: tuple = (), row_matmul: str = 'auto',
+                 attention: str = 'auto'):
   def _step(state, cache, tokens):
     TRACE_COUNTS['step'] += 1
-    return decode_step(nnx.merge(graphdef, state), cache, tokens, row_matmul=row_matmul)
+    return decode_step(nnx.merge(graphdef, state), cache, tokens, row_matmul=row_matmul,
+                       attention=attention)
 
   opts = {'compiler_options': dict(compiler_options)} if compiler_options else {}
   return jax.jit(_step, donate_argnums=(1,), **opts)
@@ -445,10 +491,13 @@ class Decoder:
   """
 
   def __init__(self, model, max_len: Optional[int] = None, *,
-               compiler_options: Optional[dict] = None, row_matmul: str = 'auto'):
+               compiler_options: Optional[dict] = None, row_matmul: str = 'auto',
+               attention: str = 'auto'):
     """compiler_options: passed to jax.jit (tests use {'xla_backend_optimization_level': 0}).
-    row_matmul: how a step multiplies its rows by each weight (`resolve_row_matmul`)."""
+    row_matmul: how a step multiplies its rows by each weight (`resolve_row_matmul`).
+    attention: how a step runs each layer's cached attention (`resolve_attention`)."""
     resolve_row_matmul(row_matmul, 1, model.cfg.dtype)  # validates (and checks 'kernel' builds)
+    resolve_attention(attention, model.cfg.dtype)
     self.cfg: ModelConfig = model.cfg
     self.max_len = int(max_len or self.cfg.max_seq_len)
     if not 1 <= self.max_len <= self.cfg.max_seq_len:
@@ -457,7 +506,7 @@ class Decoder:
     opts = tuple(sorted((compiler_options or {}).items()))
     # Compiled entry points are shared by every Decoder of one model structure.
     self._fns = {'prefill': _jitted_prefill(self.graphdef, opts),
-                 'step': _jitted_step(self.graphdef, opts, row_matmul)}
+                 'step': _jitted_step(self.graphdef, opts, row_matmul, attention)}
 
   def prefill(self, prompts, *, width: Optional[int] = None, extra: int = 0,
               return_all_logits: bool = False):

@@ -65,9 +65,11 @@ def make(num_loops, loop_mode='plt', gate_mode='hidden', normalize=True):
 
 @functools.lru_cache(maxsize=None)
 def decoder(*key):
-  """key: make()'s arguments, optionally followed by the PLT step's row_matmul."""
+  """key: make()'s arguments, optionally followed by the step's row_matmul and attention."""
   row_matmul = key[4] if len(key) > 4 else 'auto'
-  return Decoder(make(*key[:4]), MAX_LEN, compiler_options=FAST, row_matmul=row_matmul)
+  attention = key[5] if len(key) > 5 else 'auto'
+  return Decoder(make(*key[:4]), MAX_LEN, compiler_options=FAST, row_matmul=row_matmul,
+                 attention=attention)
 
 
 def sequences(batch=len(LENGTHS), seed=1):
@@ -109,17 +111,22 @@ CONFIGS = [
     (3, 'plt', 'query', True),
     (4, 'plt', 'hidden', True),
     (4, 'plt', 'query', False),
-    # On CPU 'auto' runs these batches' few-row products (B*R <= 8) through kernels/cpu_rows.py;
-    # the accelerator path ('stacked'), 'per_row' and 'kernel' beyond 8 rows are checked too.
+    # On CPU 'auto' runs these batches' few-row products (B*R <= 8) through kernels/cpu_rows.py
+    # and each layer's cached attention through kernels/cpu_decode.py; the accelerator paths
+    # ('stacked' rows, 'xla' attention), 'per_row' and 'kernel' beyond 8 rows are checked too.
     (3, 'plt', 'hidden', True, 'per_row'),
     (3, 'plt', 'hidden', True, 'stacked'),
     (4, 'plt', 'query', True, 'stacked'),
     (4, 'plt', 'hidden', False, 'kernel'),   # 16 rows: two kernel calls of 8 per projection
+    (1, 'plt', 'hidden', True, 'auto', 'xla'),
+    (2, 'plt', 'query', True, 'auto', 'xla'),
+    (4, 'plt', 'hidden', False, 'stacked', 'xla'),
     (1, 'vanilla', 'hidden', True),
     (2, 'vanilla', 'hidden', True),
     (3, 'vanilla', 'hidden', True),
     (4, 'vanilla', 'hidden', True),
     (2, 'vanilla', 'hidden', True, 'stacked'),
+    (3, 'vanilla', 'hidden', True, 'stacked', 'xla'),
 ]
 
 
@@ -149,7 +156,8 @@ def test_prefill_reference_is_the_forward():
                              np.asarray(plain), rtol=0, atol=1e-5)
 
 
-def test_each_row_reads_exactly_its_state():
+@pytest.mark.parametrize('attention', ['auto', 'xla'])  # on CPU 'auto' is kernels/cpu_decode.py
+def test_each_row_reads_exactly_its_state(attention):
   """Edit one piece of the decode state and watch the next two steps' logits (R = 3).
 
   The logits come from row 3 (loop 3), which reads loop 1's cache, loop 3's ring and the saved
@@ -157,7 +165,7 @@ def test_each_row_reads_exactly_its_state():
   change the logits one step later, never now: the rows of one step are independent. Slots that
   causality or the window hide must never matter.
   """
-  dec = decoder(3, 'plt', 'query', True)
+  dec = decoder(3, 'plt', 'query', True, 'auto', attention)
   toks = sequences()
   prompts = [toks[i, :n] for i, n in enumerate(LENGTHS)]
   pos = np.array(LENGTHS)
@@ -197,16 +205,18 @@ def test_each_row_reads_exactly_its_state():
       assert (diff > 1e-3) if changes else (diff == 0.0), f'{name}, step {step + 1}: {diff}'
 
 
-def _count_dots(jaxpr, primitive: str = 'dot_general') -> int:
-  """`primitive` equations (matmuls by default), nested jaxprs (jit-wrapped helpers) included."""
+def _count_dots(jaxpr, primitive: str = 'dot_general', target: str = '') -> int:
+  """`primitive` equations (matmuls by default), nested jaxprs (jit-wrapped helpers) included.
+  target: for ffi_call, count only custom calls whose target name starts with it."""
   n = 0
   for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == primitive
+    n += (eqn.primitive.name == primitive
+          and str(eqn.params.get('target_name', '')).startswith(target))
     for p in eqn.params.values():
       if hasattr(p, 'eqns'):
-        n += _count_dots(p, primitive)
+        n += _count_dots(p, primitive, target)
       elif hasattr(p, 'jaxpr') and hasattr(p.jaxpr, 'eqns'):
-        n += _count_dots(p.jaxpr, primitive)
+        n += _count_dots(p.jaxpr, primitive, target)
   return n
 
 
@@ -218,7 +228,8 @@ def test_plt_step_is_one_pass_of_r_rows(loop_mode):
     model = make(r, loop_mode)
     cache = init_cache(model.cfg, 2, 8)
     counts[r] = _count_dots(jax.make_jaxpr(
-        lambda c, t, m=model: decode.decode_step(m, c, t, row_matmul='stacked'))(
+        lambda c, t, m=model: decode.decode_step(m, c, t, row_matmul='stacked',
+                                                 attention='xla'))(
             cache, jnp.zeros(2, jnp.int32)).jaxpr)
   if loop_mode == 'plt':
     assert counts[4] == counts[2]
@@ -233,11 +244,14 @@ def test_cpu_kernel_step_is_one_pass_of_r_rows():
   for r in (2, 4):
     model = make(r)
     cache = init_cache(model.cfg, 2, 8)
-    jaxpr = jax.make_jaxpr(lambda c, t, m=model: decode.decode_step(m, c, t, row_matmul='kernel'))(
-        cache, jnp.zeros(2, jnp.int32)).jaxpr
-    calls[r] = _count_dots(jaxpr, 'ffi_call')
+    jaxpr = jax.make_jaxpr(lambda c, t, m=model: decode.decode_step(
+        m, c, t, row_matmul='kernel', attention='kernel'))(cache, jnp.zeros(2, jnp.int32)).jaxpr
+    calls[r] = (_count_dots(jaxpr, 'ffi_call', 'plt_rows_matmul'),
+                _count_dots(jaxpr, 'ffi_call', 'plt_decode_attention'))
+  layers = make(2).cfg.num_layers
   # 7 projections per layer; the LM head reads 1 row per sequence (2 rows: the kernel too).
-  assert calls[2] == calls[4] == 7 * make(2).cfg.num_layers + 1
+  # And one attention call per layer for all R rows (cache writes included).
+  assert calls[2] == calls[4] == (7 * layers + 1, layers)
 
 
 # ------------------------------------------------------------------------------------------------

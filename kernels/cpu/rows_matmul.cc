@@ -8,13 +8,11 @@
 // rows at a time (contiguous runs the prefetcher follows) while the M partial sums of the block
 // stay in cache.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -25,6 +23,7 @@ constexpr int64_t kMaxRows = 8;
 // Columns per block. Long contiguous runs of each row of w matter more than keeping the
 // accumulators in L1: 4096 beat 256..2048 and an even split over the threads (bench, 2-core EPYC).
 constexpr int64_t kBlock = 4096;
+constexpr int64_t kMinBlock = 128;
 
 // Columns [c0, c1) of out for M rows; w rows are read 4 at a time (fewer accumulator passes).
 template <int M>
@@ -78,30 +77,6 @@ BlockFn BlockFor(int64_t m) {
   }
 }
 
-// Column blocks are handed out through an atomic counter to the calling thread and to helpers
-// scheduled on XLA's intra-op pool. The caller never waits for a helper that has not started
-// (it may never start while the pool is busy): it only waits for blocks already claimed.
-struct Work {
-  const float* x;
-  const float* w;
-  float* out;
-  int64_t d, f, num_blocks;
-  BlockFn fn;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  // Returns after claiming no more blocks.
-  void Run() {
-    for (;;) {
-      const int64_t b = next.fetch_add(1);
-      if (b >= num_blocks) return;
-      const int64_t c0 = b * kBlock;
-      fn(x, w, out, d, f, c0, std::min(f, c0 + kBlock));
-      done.fetch_add(1);
-    }
-  }
-};
-
 ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                           ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions();
@@ -114,22 +89,19 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if (fn == nullptr) {
     return ffi::Error::InvalidArgument("plt_rows_matmul: 1 <= M <= 8 rows");
   }
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->w = w.typed_data();
-  work->out = out->typed_data();
-  work->d = d;
-  work->f = f;
-  work->num_blocks = (f + kBlock - 1) / kBlock;
-  work->fn = fn;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->num_blocks - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([work] { work->Run(); });  // the shared_ptr outlives a late start
-  }
-  work->Run();
-  while (work->done.load() < work->num_blocks) std::this_thread::yield();
-  // A helper starting after this point finds no block left and touches nothing.
-  work->next.store(work->num_blocks);
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* op = out->typed_data();
+  // At least one block per thread (pool + caller) down to kMinBlock columns: inside a decode
+  // step most products depend on the previous one, so each call must use every core itself.
+  const int64_t threads = pool.num_threads() + 1;
+  const int64_t num_blocks = std::max((f + kBlock - 1) / kBlock,
+                                      std::min(threads, (f + kMinBlock - 1) / kMinBlock));
+  const int64_t block = ((f + num_blocks - 1) / num_blocks + 15) / 16 * 16;
+  plt_cpu::ParallelFor(pool, num_blocks, num_blocks, [=](int64_t b) {
+    const int64_t c0 = b * block;
+    if (c0 < f) fn(xp, wp, op, d, f, c0, std::min(f, c0 + block));
+  });
   return ffi::Error::Success();
 }
 
