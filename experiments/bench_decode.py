@@ -6,9 +6,11 @@
 Modes are LOOPMODE[_ROWMATMUL][+ATTENTION]: `plt` (the PLT step with row_matmul='auto' and
 attention='auto': on CPU its B*R rows go through each weight matrix with kernels/cpu_rows.py and
 each layer's cached attention through kernels/cpu_decode.py where they build; elsewhere one
-stacked XLA product and XLA attention), `plt_stacked` (always one [B*R, D] XLA product per
-matrix), `plt_per_row`, `plt_kernel`, `plt+xla` (XLA's attention ops instead of the kernel), and
-`vanilla` (R sequential passes of B rows, 'auto' as well; `vanilla_stacked`, `vanilla+xla`).
+stacked XLA product and XLA attention), `plt_stacked+xla` (XLA only: one [B*R, D] product per
+matrix and XLA's attention ops, what an accelerator runs), `plt_stacked`, `plt_per_row`,
+`plt_kernel`, `plt+xla`, and `vanilla` (R sequential passes of B rows, 'auto' as well;
+`vanilla_stacked+xla` etc.). Mixing XLA's products with the CPU kernels (`plt_stacked`) is slower
+than either alone: the kernels' helper threads spin between calls, on the cores XLA's pool uses.
 A variant that resolves like another at some batch size is listed once. The `rows` and `attn`
 columns say how each configuration ran (decode.resolve_row_matmul / resolve_attention).
 Every configuration uses the same weights (drawn once; the vanilla model is
@@ -58,7 +60,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--small', action='store_true', help='tiny model and few steps (smoke test)')
   p.add_argument('--loops', default='1,2,3,4', help='R values')
-  p.add_argument('--modes', default='plt,plt_stacked,plt+xla,vanilla',
+  p.add_argument('--modes', default='plt,plt_stacked+xla,vanilla',
                  help="LOOPMODE[_ROWMATMUL][+ATTENTION]: plt, plt_stacked, plt_per_row, "
                       "plt_kernel, plt+xla, vanilla, vanilla_stacked, vanilla+xla; a variant "
                       "resolving like another is run once")

@@ -5,7 +5,8 @@
 
 For each R it times, interleaved round by round, (a) the jitted PLT decode step and (b) a jitted
 chain of the same weight matrices multiplied by the same number of rows through the same
-`row_matmul` path (kernel or XLA dot), with nothing else. (a) - (b) is the rest of the step:
+`row_matmul` path (kernel or XLA dot), with nothing else, each product reading the previous one's output as in the step. (a) - (b) is
+the rest of the step:
 attention over the caches, gates, norms, RoPE, cache writes and per-op overhead. (b) also gives the
 effective bandwidth at which the weights are streamed.
 """
@@ -34,10 +35,11 @@ def projections_only(mode: str):
     return cpu_rows.rows_matmul(x, w) if mode == 'kernel' else x @ w
 
   def chain(x, mats, head):
-    acc = jnp.zeros((), jnp.float32)
+    # Each product reads the previous one's output, as in the step: no two run concurrently.
+    h = x
     for w in mats:
-      acc = acc + mm(jnp.resize(x, (x.shape[0], w.shape[0])), w)[:, :8].sum()
-    return acc + (x[-1:] @ head)[:, :8].sum()  # the LM head reads the last row only
+      h = mm(jnp.resize(h, (h.shape[0], w.shape[0])), w)
+    return mm(jnp.resize(h[-1:], (1, head.shape[0])), head)[:, :8].sum()  # the head: 1 row
   return jax.jit(chain)
 
 

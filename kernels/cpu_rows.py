@@ -24,8 +24,7 @@ MAX_ROWS = 8          # rows per kernel call (its accumulators are templated up 
 def rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """x [..., D] @ w [D, F] in float32 with the kernel (call only where `available()`).
 
-  More than MAX_ROWS rows go through in chunks of MAX_ROWS, each streaming w once; a single row
-  goes to XLA's dot.
+  More than MAX_ROWS rows go through in chunks of MAX_ROWS, each streaming w once.
   """
   cpu_ffi.require('rows_matmul')
   if x.dtype != jnp.float32 or w.dtype != jnp.float32 or w.ndim != 2:
@@ -33,8 +32,6 @@ def rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
                      f'{w.dtype}{w.shape}')
   lead, (d, f) = x.shape[:-1], w.shape
   x2 = x.reshape(-1, d)
-  if x2.shape[0] == 1:  # XLA's matrix-vector kernel already streams w once, as fast
-    return jnp.dot(x, w)
   call = lambda rows: jax.ffi.ffi_call(
       TARGET, jax.ShapeDtypeStruct((rows.shape[0], f), jnp.float32))(rows, w)
   outs = [call(x2[i:i + MAX_ROWS]) for i in range(0, x2.shape[0], MAX_ROWS)]

@@ -150,26 +150,29 @@ def cache_nbytes(cache) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------
 # Shared pieces
 ROW_MATMULS = ('auto', 'stacked', 'per_row', 'kernel')
-# Up to this many rows per projection the CPU kernel beats XLA:CPU's GEMM (bench_decode on a
-# 2-core EPYC, 100M model, batch 8: 8 rows 208 vs 253 ms/step; 16 rows 332 vs 291 ms/step).
-KERNEL_MAX_ROWS = 8
+# Up to this many rows per projection (chunks of 8, each streaming the matrix once) the CPU kernel
+# beat XLA:CPU's GEMM in bench_decode (2-core EPYC, 100M model, batch 8: 16 rows 114 vs 144 ms
+# per step; 32 rows 203 vs 199 ms).
+KERNEL_MAX_ROWS = 16
 
 
 def resolve_row_matmul(row_matmul: str, rows: int, dtype: str = 'float32') -> str:
   """How a decode step multiplies its `rows` (= batch * rows per sequence) by each weight.
 
-  'stacked': one [rows, D] product per matrix (XLA's dot). On accelerators, and for one row on
-    CPU (XLA:CPU's matrix-vector kernel), this is what makes R rows cost about one row.
+  'stacked': one [rows, D] product per matrix (XLA's dot). On accelerators this is what makes R
+    rows cost about one row.
   'per_row': one product per row, back to back (XLA:CPU sends 2..8 rows to a GEMM that costs
     about as much per row as separate matrix-vector products).
   'kernel': `kernels/cpu_rows.py`, which streams each matrix once for all rows (CPU, float32).
-  'auto': 'kernel' on CPU for 2..KERNEL_MAX_ROWS float32 rows when it builds, else 'stacked'.
+  'auto': 'kernel' on CPU for 1..KERNEL_MAX_ROWS float32 rows when it builds, else 'stacked'.
+    One row too: the kernel streams a matrix as fast as XLA:CPU's matrix-vector product, and
+    mixing the two would set the kernels' spinning helper threads against XLA's own pool.
   """
   if row_matmul not in ROW_MATMULS:
     raise ValueError(f'row_matmul={row_matmul!r}: must be one of {ROW_MATMULS}')
   on_cpu = jax.default_backend() == 'cpu'
   if row_matmul == 'auto':
-    if on_cpu and 2 <= rows <= KERNEL_MAX_ROWS and dtype == 'float32':
+    if on_cpu and rows <= KERNEL_MAX_ROWS and dtype == 'float32':
       from kernels import cpu_rows  # pylint: disable=import-outside-toplevel
       if cpu_rows.available():
         return 'kernel'

@@ -162,14 +162,14 @@ void RunTask(const Problem& pb, int64_t b, int64_t kh) {
   }
 }
 
-ffi::Error Run(ffi::ThreadPool& pool, Problem& pb) {
+ffi::Error Run(Problem& pb) {
   for (int64_t b = 0; b < pb.batch; ++b) {
     if (pb.pos[b] < 0) {
       return ffi::Error::InvalidArgument("plt_decode_attention: a negative position");
     }
   }
   const int64_t tasks = pb.batch * pb.kv_heads;
-  plt_cpu::ParallelFor(pool, tasks, tasks, [&pb](int64_t i) {
+  plt_cpu::ParallelFor(tasks, [&pb](int64_t i) {
     RunTask(pb, i / pb.kv_heads, i % pb.kv_heads);
   });
   return ffi::Error::Success();
@@ -213,7 +213,7 @@ ffi::Error Shapes(Problem& pb, const F32& q, const F32& k_new, const ffi::Buffer
 }
 
 // Plain causal decode attention (PLT R = 1, vanilla loops): rows are independent queries at pos.
-ffi::Error CausalImpl(ffi::ThreadPool pool, F32 q, F32 k_new, F32 v_new, ffi::Buffer<ffi::S32> pos,
+ffi::Error CausalImpl(F32 q, F32 k_new, F32 v_new, ffi::Buffer<ffi::S32> pos,
                       F32 k_full_in, F32 v_full_in, F32Out y, F32Out k_full, F32Out v_full,
                       int64_t slab) {
   (void)v_full_in;  // aliased: the outputs hold the same values and are written in place
@@ -228,11 +228,11 @@ ffi::Error CausalImpl(ffi::ThreadPool pool, F32 q, F32 k_new, F32 v_new, ffi::Bu
   pb.k_full = k_full->typed_data() + slab * slab_size;
   pb.v_full = v_full->typed_data() + slab * slab_size;
   pb.y = y->typed_data();
-  return Run(pool, pb);
+  return Run(pb);
 }
 
 // PLT: row 0 is loop 1 (causal), rows r >= 1 are loops r+1 (gated global + ring).
-ffi::Error GatedImpl(ffi::ThreadPool pool, F32 q, F32 k_new, F32 v_new, ffi::Buffer<ffi::S32> pos,
+ffi::Error GatedImpl(F32 q, F32 k_new, F32 v_new, ffi::Buffer<ffi::S32> pos,
                      F32 k_full_in, F32 v_full_in, F32 gate, F32 k_ring_in, F32 v_ring_in, F32Out y,
                      F32Out k_full, F32Out v_full, F32Out k_ring, F32Out v_ring) {
   (void)v_full_in;  // aliased: the outputs hold the same values and are written in place
@@ -258,14 +258,13 @@ ffi::Error GatedImpl(ffi::ThreadPool pool, F32 q, F32 k_new, F32 v_new, ffi::Buf
   pb.k_ring = k_ring->typed_data();
   pb.v_ring = v_ring->typed_data();
   pb.y = y->typed_data();
-  return Run(pool, pb);
+  return Run(pb);
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PltDecodeAttentionCausal, CausalImpl,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>()                   // q
                                   .Arg<F32>()                   // k_new
                                   .Arg<F32>()                   // v_new
@@ -279,7 +278,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PltDecodeAttentionCausal, CausalImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PltDecodeAttention, GatedImpl,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>()                   // q
                                   .Arg<F32>()                   // k_new
                                   .Arg<F32>()                   // v_new
