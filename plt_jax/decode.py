@@ -462,11 +462,15 @@ def pad_prompts(prompts, width: int, pad_id: int = 0) -> np.ndarray:
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
+def _merge(graphdef, treedef, leaves):
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
 @functools.lru_cache(maxsize=None)
-def _jitted_prefill(graphdef, compiler_options: tuple = ()):
-  def _prefill(state, tokens, lengths, max_len, all_logits):
+def _jitted_prefill(graphdef, treedef, compiler_options: tuple = ()):
+  def _prefill(leaves, tokens, lengths, max_len, all_logits):
     TRACE_COUNTS['prefill'] += 1
-    return prefill(nnx.merge(graphdef, state), tokens, lengths, max_len,
+    return prefill(_merge(graphdef, treedef, leaves), tokens, lengths, max_len,
                    return_all_logits=all_logits)
 
   opts = {'compiler_options': dict(compiler_options)} if compiler_options else {}
@@ -474,11 +478,11 @@ def _jitted_prefill(graphdef, compiler_options: tuple = ()):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_step(graphdef, compiler_options: tuple = (), row_matmul: str = 'auto',
+def _jitted_step(graphdef, treedef, compiler_options: tuple = (), row_matmul: str = 'auto',
                  attention: str = 'auto'):
-  def _step(state, cache, tokens):
+  def _step(leaves, cache, tokens):
     TRACE_COUNTS['step'] += 1
-    return decode_step(nnx.merge(graphdef, state), cache, tokens, row_matmul=row_matmul,
+    return decode_step(_merge(graphdef, treedef, leaves), cache, tokens, row_matmul=row_matmul,
                        attention=attention)
 
   opts = {'compiler_options': dict(compiler_options)} if compiler_options else {}
@@ -486,7 +490,7 @@ def _jitted_step(graphdef, compiler_options: tuple = (), row_matmul: str = 'auto
 
 
 class Decoder:
-  """Holds a model's split state and the jitted prefill / decode step (cache donated).
+  """Holds a model's weights (a flat list of arrays, `state`) and the jitted prefill / decode step.
 
   decoder = Decoder(model, max_len=256)
   logits, cache = decoder.prefill(list_of_token_lists)     # validated, right-padded
@@ -505,11 +509,15 @@ class Decoder:
     self.max_len = int(max_len or self.cfg.max_seq_len)
     if not 1 <= self.max_len <= self.cfg.max_seq_len:
       raise ValueError(f'max_len={self.max_len} must be in [1, max_seq_len={self.cfg.max_seq_len}]')
-    self.graphdef, self.state = nnx.split(model)
+    self.graphdef, state = nnx.split(model)
+    # The weights travel as a flat list of arrays: flattening nnx Variables on every call cost
+    # ~0.5 ms per decode step (a few % of a 100M model's step on CPU).
+    self.state = jax.tree.leaves(state)
+    self._treedef = jax.tree.structure(state)
     opts = tuple(sorted((compiler_options or {}).items()))
     # Compiled entry points are shared by every Decoder of one model structure.
-    self._fns = {'prefill': _jitted_prefill(self.graphdef, opts),
-                 'step': _jitted_step(self.graphdef, opts, row_matmul, attention)}
+    self._fns = {'prefill': _jitted_prefill(self.graphdef, self._treedef, opts),
+                 'step': _jitted_step(self.graphdef, self._treedef, opts, row_matmul, attention)}
 
   def prefill(self, prompts, *, width: Optional[int] = None, extra: int = 0,
               return_all_logits: bool = False):

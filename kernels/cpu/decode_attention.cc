@@ -42,44 +42,81 @@ struct Problem {
   float* y;             // [B, R, H, E]
 };
 
+typedef float Vec8 __attribute__((vector_size(32)));  // 8 floats: one AVX register
+
+inline Vec8 Load(const float* p) {
+  Vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+
 inline float Dot(const float* a, const float* b, int64_t n) {
-  // Eight independent partial sums: vectorizes without -ffast-math's reassociation.
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  Vec8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * b[i + j];
-  }
-  for (; i < n; ++i) s[0] += a[i] * b[i];
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; i + 8 <= n; i += 8) acc += Load(a + i) * Load(b + i);
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// exp(x) for x <= 0 within ~2e-7 relative, in plain arithmetic the compiler can vectorize
+// (std::exp is a library call per logit, and the logits of a step number in the thousands).
+inline float ExpNonPositive(float x) {
+  x = std::max(x, -87.0f);                               // exp(-87) ~ 1.6e-38: stays normal
+  const float n = std::nearbyint(x * 1.44269504f);       // x = n ln2 + r, |r| <= ln2 / 2
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  const float p =
+      1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +
+                                                                         r * (1.0f / 720))))));
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// o += p * v over n floats.
+inline void Axpy(float p, const float* v, float* o, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) Store(o + i, Load(o + i) + p * Load(v + i));
+  for (; i < n; ++i) o[i] += p * v[i];
 }
 
 // out[n, :] = softmax(q[n] . keys) @ values for `nq` queries (pre-scaled) over `nk` keys given by
-// their row pointers. logits: scratch of nq * nk floats.
+// their row pointers. logits: scratch of nq * nk floats, laid out [nk, nq].
+// A head's rows are K*E floats apart in the cache, a stride the hardware prefetcher does not
+// follow: fetch them kPrefetch rows ahead (the loads were most of the kernel's time).
+constexpr int64_t kPrefetch = 6;
+
+inline void PrefetchRow(const float* row, int64_t dim) {
+  for (int64_t i = 0; i < dim; i += 16) __builtin_prefetch(row + i);  // 64-byte lines
+}
+
 void Attend(const float* const* qs, int64_t nq, const float* const* keys,
             const float* const* values, int64_t nk, int64_t dim, float* logits, float* const* out) {
+  for (int64_t t = 0; t < std::min(nk, kPrefetch); ++t) PrefetchRow(keys[t], dim);
+  for (int64_t t = 0; t < nk; ++t) {  // each key row is read once for all queries
+    if (t + kPrefetch < nk) PrefetchRow(keys[t + kPrefetch], dim);
+    for (int64_t n = 0; n < nq; ++n) logits[t * nq + n] = Dot(qs[n], keys[t], dim);
+  }
+  for (int64_t t = 0; t < std::min(nk, kPrefetch); ++t) PrefetchRow(values[t], dim);
   for (int64_t n = 0; n < nq; ++n) {
-    float* l = logits + n * nk;
     float m = -INFINITY;
-    for (int64_t t = 0; t < nk; ++t) {
-      l[t] = Dot(qs[n], keys[t], dim);
-      m = l[t] > m ? l[t] : m;
-    }
+    for (int64_t t = 0; t < nk; ++t) m = std::max(m, logits[t * nq + n]);
     float sum = 0.0f;
     for (int64_t t = 0; t < nk; ++t) {
-      l[t] = std::exp(l[t] - m);
-      sum += l[t];
+      const float e = ExpNonPositive(logits[t * nq + n] - m);
+      logits[t * nq + n] = e;
+      sum += e;
     }
     const float inv = 1.0f / sum;
-    for (int64_t t = 0; t < nk; ++t) l[t] *= inv;
+    for (int64_t t = 0; t < nk; ++t) logits[t * nq + n] *= inv;
     std::memset(out[n], 0, sizeof(float) * dim);
   }
   for (int64_t t = 0; t < nk; ++t) {  // each value row is read once for all queries
-    const float* v = values[t];
-    for (int64_t n = 0; n < nq; ++n) {
-      const float p = logits[n * nk + t];
-      float* o = out[n];
-      for (int64_t e = 0; e < dim; ++e) o[e] += p * v[e];
-    }
+    if (t + kPrefetch < nk) PrefetchRow(values[t + kPrefetch], dim);
+    for (int64_t n = 0; n < nq; ++n) Axpy(logits[t * nq + n], values[t], out[n], dim);
   }
 }
 
