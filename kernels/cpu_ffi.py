@@ -28,7 +28,7 @@ import jaxlib
 
 SOURCE_DIR = Path(__file__).parent / 'cpu'
 SOURCES = ('rows_matmul.cc', 'decode_attention.cc')
-HEADERS = ('parallel.h',)
+HEADERS = ('parallel.h', 'simd.h')
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {
     'plt_rows_matmul': 'PltRowsMatmul',

@@ -258,7 +258,7 @@ def test_cpu_kernel_step_is_one_pass_of_r_rows():
 # KV bytes
 def test_cache_bytes_match_plt_md_formula():
   measured = {}
-  for key in CONFIGS:
+  for key in (k for k in CONFIGS if len(k) == 4):  # the default paths: every R in both modes
     r, mode = key[0], key[1]
     cache = parity_run(*key)[3]               # the cache the decode steps actually produced
     got = cache_nbytes(cache)

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -42,15 +43,9 @@ struct Problem {
   float* y;             // [B, R, H, E]
 };
 
-typedef float Vec8 __attribute__((vector_size(32)));  // 8 floats: one AVX register
-
-inline Vec8 Load(const float* p) {
-  Vec8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void Store(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+using plt_cpu::Load;
+using plt_cpu::Store;
+using plt_cpu::Vec8;
 
 inline float Dot(const float* a, const float* b, int64_t n) {
   Vec8 acc = {0, 0, 0, 0, 0, 0, 0, 0};

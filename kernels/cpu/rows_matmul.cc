@@ -1,4 +1,4 @@
-// out[M, F] = x[M, D] @ w[D, F] in float32 for a few rows (M <= kMaxRows), on CPU.
+// out[M, F] = x[M, D] @ w[D, F] in float32 for a few rows (M <= 8), on CPU.
 //
 // Why this exists: at decode time PLT multiplies R rows (one per loop) by every weight matrix.
 // On CPU that product is memory-bound: the cost is streaming w once. XLA:CPU (and OpenBLAS)
@@ -16,24 +16,18 @@
 #include <vector>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;
 constexpr int64_t kMinRowsPerTask = 64;  // rows of w per thread below which splitting cannot pay
 
-typedef float Vec8 __attribute__((vector_size(32)));  // 8 floats: one AVX register
-
-inline Vec8 Load(const float* p) {
-  Vec8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void Store(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+using plt_cpu::Load;
+using plt_cpu::Store;
+using plt_cpu::Vec8;
 
 // acc[r, :] = sum over k in [k0, k1) of x[r, k] * w[k, :], for M rows, all F columns.
 // acc has row stride f. w's rows are taken 4 at a time (fewer passes over the accumulators).
