@@ -293,29 +293,29 @@ ffi::Error GatedImpl(F32 q, F32 k_new, F32 v_new, ffi::Buffer<ffi::S32> pos,
   return Run(pb);
 }
 
+// The operands both entry points start with: q, k_new, v_new, pos, then the full caches
+// (aliased to outputs 1 and 2).
+auto BindStepOperands() {
+  return ffi::Ffi::Bind()
+      .Arg<F32>()
+      .Arg<F32>()
+      .Arg<F32>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<F32>()
+      .Arg<F32>();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PltDecodeAttentionCausal, CausalImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32>()                   // q
-                                  .Arg<F32>()                   // k_new
-                                  .Arg<F32>()                   // v_new
-                                  .Arg<ffi::Buffer<ffi::S32>>() // pos
-                                  .Arg<F32>()                   // k_full (aliased)
-                                  .Arg<F32>()                   // v_full (aliased)
+                              BindStepOperands()
                                   .Ret<F32>()                   // y
                                   .Ret<F32>()                   // k_full
                                   .Ret<F32>()                   // v_full
                                   .Attr<int64_t>("slab"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PltDecodeAttention, GatedImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32>()                   // q
-                                  .Arg<F32>()                   // k_new
-                                  .Arg<F32>()                   // v_new
-                                  .Arg<ffi::Buffer<ffi::S32>>() // pos
-                                  .Arg<F32>()                   // k_full (aliased)
-                                  .Arg<F32>()                   // v_full (aliased)
+                              BindStepOperands()
                                   .Arg<F32>()                   // gate
                                   .Arg<F32>()                   // k_ring (aliased)
                                   .Arg<F32>()                   // v_ring (aliased)
