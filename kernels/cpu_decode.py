@@ -30,10 +30,11 @@ def decode_attention(q: Array, k_new: Array, v_new: Array, pos: Array, k_full: A
                      slab: int = 0):
   """Writes this step's keys/values into the caches and attends, for one layer.
 
-  q [B, R, H, E] (post-RoPE), k_new / v_new [B, R, K, E], pos [B] int32 >= 0 (the position being
-  decoded; at pos >= T the full-cache write is dropped and all T slots are visible, as in the
-  XLA path, so a finished sequence in a batch may keep stepping). k_full / v_full: [B, T, K, E], or [S, B, T, K, E] of which slab
-  `slab` is used (the vanilla cache stacks its loops).
+  q [B, R, H, E] (post-RoPE), k_new / v_new [B, R, K, E], pos [B] int32 >= 0 (the position
+  being decoded; at pos >= T the full-cache write is dropped and all T slots are visible, as in
+  the XLA path, so a finished sequence in a batch may keep stepping).
+  k_full / v_full: [B, T, K, E], or [S, B, T, K, E] of which slab `slab` is used (the vanilla
+  cache stacks its loops).
   Without rings (R = 1, or vanilla): returns (y [B, 1, H, E], k_full, v_full).
   With gate [B, R-1, H] and rings k_ring / v_ring [B, R-1, W, K, E] (PLT, R >= 2): row 0 attends
   causally over the full cache, rows r >= 1 mix gate * that + (1 - gate) * attention over their

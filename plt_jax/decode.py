@@ -333,17 +333,17 @@ def plt_decode_step(model, cache: PLTCache, tokens_B: Array, *, row_matmul: str 
     rows.append(model.clp(e, prev))
   x = jnp.concatenate(rows, axis=1)                                        # [B, R, D]
   positions = jnp.broadcast_to(pos[:, None], (b, R))
-  # Every row sees loop-1 slots 0..pos (the global branch of rows >= 2 is the same causal read).
-  glob_mask = make_mask(positions, _full_slots(t_max, b))
-  if R > 1:
-    slot_pos = ring_positions(pos, W)                                       # [B, W]
-    loc_q = jnp.broadcast_to(pos[:, None, None], (b, R - 1, 1)).reshape(b * (R - 1), 1)
-    loc_kv = jnp.broadcast_to(slot_pos[:, None], (b, R - 1, W)).reshape(b * (R - 1), W)
-    loc_mask = make_mask(loc_q, loc_kv, window=W, kv_valid=loc_kv >= 0)
-    slot = jnp.mod(pos, W)
-
   mode = resolve_row_matmul(row_matmul, b * R, cfg.dtype)
   fused = resolve_attention(attention, cfg.dtype) == 'kernel'
+  if not fused:  # the XLA path's masks (the kernel derives the same visibility itself)
+    # Every row sees loop-1 slots 0..pos (the global branch of rows >= 2 is the same causal read).
+    glob_mask = make_mask(positions, _full_slots(t_max, b))
+    if R > 1:
+      slot_pos = ring_positions(pos, W)                                     # [B, W]
+      loc_q = jnp.broadcast_to(pos[:, None, None], (b, R - 1, 1)).reshape(b * (R - 1), 1)
+      loc_kv = jnp.broadcast_to(slot_pos[:, None], (b, R - 1, W)).reshape(b * (R - 1), W)
+      loc_mask = make_mask(loc_q, loc_kv, window=W, kv_valid=loc_kv >= 0)
+      slot = jnp.mod(pos, W)
   k1, v1, k_loc, v_loc = list(cache.k1), list(cache.v1), list(cache.k_loc), list(cache.v_loc)
   for j, layer in enumerate(model.layers):
 
@@ -385,7 +385,7 @@ def plt_decode_step(model, cache: PLTCache, tokens_B: Array, *, row_matmul: str 
 def vanilla_decode_step(model, cache: VanillaCache, tokens_B: Array, *,
                         row_matmul: str = 'stacked', attention: str = 'xla'):
   """The baseline: R sequential passes of one row, each over its own full cache.
-  row_matmul, attention: as in `plt_decode_step`, for its B rows (1 at batch 1: XLA's dot)."""
+  row_matmul, attention: as in `plt_decode_step`, for its B rows."""
   cfg = model.cfg
   b = tokens_B.shape[0]
   mode = resolve_row_matmul(row_matmul, b, cfg.dtype)
@@ -394,7 +394,7 @@ def vanilla_decode_step(model, cache: VanillaCache, tokens_B: Array, *,
   pos = cache.lengths
   bidx = jnp.arange(b)
   positions = pos[:, None]
-  mask = make_mask(positions, _full_slots(t_max, b))
+  mask = None if fused else make_mask(positions, _full_slots(t_max, b))
   k, v = list(cache.k), list(cache.v)
   e = model.embed(tokens_B[:, None])
   h = e

@@ -56,21 +56,6 @@ inline float Dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// exp(x) for x <= 0 within ~2e-7 relative, in plain arithmetic the compiler can vectorize
-// (std::exp is a library call per logit, and the logits of a step number in the thousands).
-inline float ExpNonPositive(float x) {
-  x = std::max(x, -87.0f);                               // exp(-87) ~ 1.6e-38: stays normal
-  const float n = std::nearbyint(x * 1.44269504f);       // x = n ln2 + r, |r| <= ln2 / 2
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  const float p =
-      1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +
-                                                                         r * (1.0f / 720))))));
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 // o += p * v over n floats.
 inline void Axpy(float p, const float* v, float* o, int64_t n) {
   int64_t i = 0;
@@ -80,28 +65,17 @@ inline void Axpy(float p, const float* v, float* o, int64_t n) {
 
 // out[n, :] = softmax(q[n] . keys) @ values for `nq` queries (pre-scaled) over `nk` keys given by
 // their row pointers. logits: scratch of nq * nk floats, laid out [nk, nq].
-// A head's rows are K*E floats apart in the cache, a stride the hardware prefetcher does not
-// follow: fetch them kPrefetch rows ahead (the loads were most of the kernel's time).
-constexpr int64_t kPrefetch = 6;
-
-inline void PrefetchRow(const float* row, int64_t dim) {
-  for (int64_t i = 0; i < dim; i += 16) __builtin_prefetch(row + i);  // 64-byte lines
-}
-
 void Attend(const float* const* qs, int64_t nq, const float* const* keys,
             const float* const* values, int64_t nk, int64_t dim, float* logits, float* const* out) {
-  for (int64_t t = 0; t < std::min(nk, kPrefetch); ++t) PrefetchRow(keys[t], dim);
   for (int64_t t = 0; t < nk; ++t) {  // each key row is read once for all queries
-    if (t + kPrefetch < nk) PrefetchRow(keys[t + kPrefetch], dim);
     for (int64_t n = 0; n < nq; ++n) logits[t * nq + n] = Dot(qs[n], keys[t], dim);
   }
-  for (int64_t t = 0; t < std::min(nk, kPrefetch); ++t) PrefetchRow(values[t], dim);
   for (int64_t n = 0; n < nq; ++n) {
     float m = -INFINITY;
     for (int64_t t = 0; t < nk; ++t) m = std::max(m, logits[t * nq + n]);
     float sum = 0.0f;
     for (int64_t t = 0; t < nk; ++t) {
-      const float e = ExpNonPositive(logits[t * nq + n] - m);
+      const float e = std::exp(logits[t * nq + n] - m);
       logits[t * nq + n] = e;
       sum += e;
     }
@@ -110,7 +84,6 @@ void Attend(const float* const* qs, int64_t nq, const float* const* keys,
     std::memset(out[n], 0, sizeof(float) * dim);
   }
   for (int64_t t = 0; t < nk; ++t) {  // each value row is read once for all queries
-    if (t + kPrefetch < nk) PrefetchRow(values[t + kPrefetch], dim);
     for (int64_t n = 0; n < nq; ++n) Axpy(logits[t * nq + n], values[t], out[n], dim);
   }
 }
@@ -167,20 +140,16 @@ void RunTask(const Problem& pb, int64_t b, int64_t kh) {
   }
   if (R == 1) return;
 
-  // Ring slot s holds position p - ((p - s) mod W), the same for every row; negative: empty.
-  thread_local std::vector<int64_t> ring_slots;
-  ring_slots.clear();
-  for (int64_t s = 0; s < W; ++s) {
-    if (p - (((p - s) % W) + W) % W >= 0) ring_slots.push_back(s);
-  }
-  const int64_t nl = static_cast<int64_t>(ring_slots.size());
+  // Ring slot s holds position p - ((p - s) mod W): with p < W only slots 0..p are filled, after
+  // that all W are (and all lie in the window), so the local keys are slots [0, min(p + 1, W)).
+  const int64_t nl = std::min(p + 1, W);
   thread_local std::vector<float> local;  // local outputs [G, E]
   local.resize(G * E);
   for (int64_t g = 0; g < G; ++g) outs[g] = local.data() + g * E;
   for (int64_t r = 1; r < R; ++r) {
     for (int64_t i = 0; i < nl; ++i) {
-      keys[i] = ring(pb.k_ring, r, ring_slots[i]);
-      values[i] = ring(pb.v_ring, r, ring_slots[i]);
+      keys[i] = ring(pb.k_ring, r, i);
+      values[i] = ring(pb.v_ring, r, i);
     }
     Attend(qs + r * G, G, keys, values, nl, E, logits, outs.data());
     for (int64_t g = 0; g < G; ++g) {
