@@ -277,12 +277,12 @@ def run(args) -> dict:
 
 
 def print_table(out: dict) -> None:
-  hdr = (f'{"batch":>5} {"mode":>11} {"rows":>7} {"attn":>6} {"R":>2} {"step ms":>9} '
+  hdr = (f'{"batch":>5} {"mode":>15} {"rows":>7} {"attn":>6} {"R":>2} {"step ms":>9} '
          f'{"p10-p90 ms":>15} '
          f'{"tok/s":>8} {"prefill s":>9} {"KV bytes":>11} {"= formula":>9} {"step temp":>10}')
   print('\n' + hdr + '\n' + '-' * len(hdr))
   for r in out['results']:
-    print(f'{r["batch"]:>5} {r["mode"]:>11} {r["row_matmul"]:>7} {r["attention"]:>6} {r["R"]:>2} '
+    print(f'{r["batch"]:>5} {r["mode"]:>15} {r["row_matmul"]:>7} {r["attention"]:>6} {r["R"]:>2} '
           f'{r["step_ms"]:>9.2f} '
           f'{r["step_p10_ms"]:>7.2f}-{r["step_p90_ms"]:<7.2f} {r["tokens_per_s"]:>8.1f} '
           f'{r["prefill_s"]:>9.3f} {_fmt_bytes(r["kv_bytes"]):>11} '
