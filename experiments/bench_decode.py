@@ -75,9 +75,14 @@ def parse_args(argv=None):
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out', default=None, help='write the results as JSON here')
   p.add_argument('--torch_baseline', action='store_true',
-                 help="also time the exported PyTorch model's generate() (PLT R=2, same weights)")
-  p.add_argument('--torch_threads', type=int, default=1, help='torch threads for the baseline')
+                 help="also time PyTorch generate() on the same weights: the exported PLT R=2 "
+                      "file and transformers' LlamaForCausalLM (R=1)")
+  p.add_argument('--torch_threads', type=int, default=None,
+                 help="torch threads for the baseline (default: the cores this process may use, "
+                      "as XLA's CPU thread pool does)")
   args = p.parse_args(argv)
+  if args.torch_threads is None:
+    args.torch_threads = len(os.sched_getaffinity(0))
   if args.small:  # a smoke test: tiny model, batch 1, fast compiles (timings mean little)
     args.rounds, args.steps, args.warmup, args.prompt_len = 3, 5, 2, 24
     if args.batch_sizes == p.get_default('batch_sizes'):
@@ -195,20 +200,27 @@ class Run:
 
 
 def torch_baseline(weights: 'Weights', base: ModelConfig, args, batch: int) -> dict:
-  """Exports PLT R=2 (same weights) to a temporary HF dir and times its PyTorch generate()."""
+  """PyTorch generate() on the same weights: the exported PLT R=2 file, and transformers' own
+  LlamaForCausalLM on the R=1 export (what a PLT decode step should cost about as much as)."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from plt_jax import hf  # pylint: disable=g-import-not-at-top
   from plt_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
 
-  model = weights.model(base.replace(num_loops=2))
   rng = np.random.default_rng(args.seed)
   prompts = rng.integers(3, base.vocab_size, (batch, args.prompt_len)).tolist()
+  out = {'batch': batch, 'torch_threads': args.torch_threads}
   with tempfile.TemporaryDirectory() as d:
     tok = tok_lib.build_tokenizer('byte', workdir=d)
-    hf_dir = hf.export_model(model, tok, os.path.join(d, 'hf'), dtype=args.dtype)
-    t = hf.torch_generate_timing(hf_dir, prompts, args.steps + 1, threads=args.torch_threads)
-  return {'batch': batch, 'torch_step_ms': 1e3 * t['decode_s_per_token'],
-          'torch_prefill_s': t['prefill_s'], 'torch_threads': args.torch_threads}
+    for key, loops, model_class in (('llama_R1', 1, 'llama'), ('plt_R2', 2, 'auto')):
+      hf_dir = hf.export_model(weights.model(base.replace(num_loops=loops)), tok,
+                               os.path.join(d, key), dtype=args.dtype)
+      t = hf.torch_generate_timing(hf_dir, prompts, args.steps + 1, threads=args.torch_threads,
+                                   model_class=model_class)
+      out[f'torch_{key}_step_ms'] = 1e3 * t['decode_s_per_token']
+      out[f'torch_{key}_prefill_s'] = t['prefill_s']
+      out['transformers'] = t['transformers']
+  out['torch_plt_R2/torch_llama_R1'] = out['torch_plt_R2_step_ms'] / out['torch_llama_R1_step_ms']
+  return out
 
 
 def _fmt_bytes(n: int) -> str:
@@ -265,8 +277,9 @@ def run(args) -> dict:
     out['ratios'][f'batch{batch}'] = ratios
     if args.torch_baseline and 'plt_R2' in by_name:
       tb = torch_baseline(weights, base, args, batch)
-      tb['jax_plt_R2_step_ms'] = by_name['plt_R2']['step_ms']
-      tb['torch_over_jax'] = tb['torch_step_ms'] / tb['jax_plt_R2_step_ms']
+      for name in ('plt_R1', 'plt_R2'):
+        if name in by_name:
+          tb[f'jax_{name}_step_ms'] = by_name[name]['step_ms']
       out.setdefault('torch_baseline', []).append(tb)
     if batch == 1:
       out['targets'] = {k: {'ratio': ratios[k], 'target': v, 'met': ratios[k] <= v}
@@ -291,9 +304,15 @@ def print_table(out: dict) -> None:
   for batch, ratios in out['ratios'].items():
     print(f'\n{batch} latency ratios: ' + ', '.join(f'{k} {v:.2f}' for k, v in ratios.items()))
   for tb in out.get('torch_baseline', []):
-    print(f"batch {tb['batch']}: exported PyTorch generate() {tb['torch_step_ms']:.2f} ms/token "
-          f"({tb['torch_threads']} thread(s)) vs plt_jax PLT R=2 {tb['jax_plt_R2_step_ms']:.2f} "
-          f"ms/token: torch / jax = {tb['torch_over_jax']:.2f}")
+    rows = [('PyTorch, transformers LlamaForCausalLM, R=1', tb['torch_llama_R1_step_ms']),
+            ('PyTorch, exported PLT file, R=2', tb['torch_plt_R2_step_ms'])]
+    rows += [(f'plt_jax, PLT R={n[-1]}', tb[f'jax_{n}_step_ms']) for n in ('plt_R1', 'plt_R2')
+             if f'jax_{n}_step_ms' in tb]
+    print(f"\nbatch {tb['batch']}, decode ms/token (torch {tb['torch_threads']} thread(s), "
+          f"transformers {tb['transformers']}):")
+    for label, ms in rows:
+      print(f'  {label:<46} {ms:8.2f}')
+    print(f"  exported PLT R=2 / HF Llama R=1 = {tb['torch_plt_R2/torch_llama_R1']:.2f}")
   if out['targets']:
     print('targets at batch 1: ' + ', '.join(
         f'{k} {t["ratio"]:.2f} <= {t["target"]} {"met" if t["met"] else "MISSED"}'

@@ -12,7 +12,9 @@ carrying the *target* sharding, so a checkpoint written on one mesh loads onto a
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -79,6 +81,25 @@ class _FrozenIteratorState:
 
 # --------------------------------------------------------------------------- the manager
 
+class _DropReadOnlyNotice(logging.Filter):
+  """Orbax warns that a directory 'is read only' whenever a manager is opened read-only; for a
+  reader that is the intended mode, not news."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'read only' not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_read_only():
+  absl_logger = logging.getLogger('absl')
+  notice = _DropReadOnlyNotice()
+  absl_logger.addFilter(notice)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(notice)
+
+
 class Checkpointer:
   """An async Orbax CheckpointManager keeping the last `max_to_keep` complete steps.
 
@@ -93,11 +114,13 @@ class Checkpointer:
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                              enable_async_checkpointing=False)
+      with _quiet_read_only():
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
     else:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
           enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

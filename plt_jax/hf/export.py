@@ -57,6 +57,19 @@ def _remove_stale_weights(out_dir: str) -> None:
       os.remove(path)
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _save_readable(save_file, tensors, path: str, metadata) -> None:
+  """safetensors creates its files 0600; give them the mode every other file in the export gets
+  (0666 less the umask), so whoever may read the directory may read the weights."""
+  save_file(tensors, path, metadata=metadata)
+  os.chmod(path, 0o666 & ~_umask())
+
+
 def save_safetensors(tensors: dict[str, np.ndarray], out_dir: str,
                      max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
   """model.safetensors, or shards of at most `max_shard_size` bytes plus their index."""
@@ -73,12 +86,12 @@ def save_safetensors(tensors: dict[str, np.ndarray], out_dir: str,
   shards.append(current)
   metadata = {'format': 'pt'}
   if len(shards) == 1:
-    save_file(shards[0], os.path.join(out_dir, 'model.safetensors'), metadata=metadata)
+    _save_readable(save_file, shards[0], os.path.join(out_dir, 'model.safetensors'), metadata)
     return ['model.safetensors']
   names, weight_map = [], {}
   for i, shard in enumerate(shards):
     fn = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-    save_file(shard, os.path.join(out_dir, fn), metadata=metadata)
+    _save_readable(save_file, shard, os.path.join(out_dir, fn), metadata)
     names.append(fn)
     weight_map.update({name: fn for name in shard})
   index = {'metadata': {'total_size': int(sum(a.nbytes for a in tensors.values()))},

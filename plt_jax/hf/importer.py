@@ -22,6 +22,19 @@ from plt_jax.model import PLT
 
 INDEX_FILE = 'model.safetensors.index.json'
 SINGLE_FILE = 'model.safetensors'
+# Other spellings of our tensor names in checkpoints of the same architecture: the authors'
+# inference code also accepts the gate under `loop_gate_proj`.
+NAME_ALIASES = (('.self_attn.plt_gate.', '.self_attn.loop_gate_proj.'),)
+
+
+def _source_name(name: str, available) -> str:
+  """The checkpoint's name for our tensor `name`: itself, or an accepted alias present."""
+  if name in available:
+    return name
+  for ours, theirs in NAME_ALIASES:
+    if ours in name and name.replace(ours, theirs) in available:
+      return name.replace(ours, theirs)
+  return name
 
 
 def read_hf_config(directory: str) -> dict:
@@ -90,7 +103,7 @@ def hf_tensors_to_state(reader, cfg: ModelConfig, *, mesh=None, tie_word_embeddi
   used, items, problems = set(), [], []
   for path, var in nnx.to_flat_state(abstract_state):
     name, transpose = convert.jax_to_hf_name(path)
-    source = name
+    source = _source_name(name, available)
     if name not in available and name == 'lm_head.weight' and tie_word_embeddings:
       source = 'model.embed_tokens.weight'  # tied head: the embedding is the output matrix
     if source not in available:

@@ -7,8 +7,11 @@ from typing import Optional, Sequence
 
 def torch_generate_timing(hf_dir: str, prompt_ids: Sequence[Sequence[int]], new_tokens: int, *,
                           repeats: int = 3, threads: Optional[int] = None,
-                          dtype: Optional[str] = None) -> dict:
-  """Times greedy `model.generate` of the exported model (loaded with trust_remote_code).
+                          dtype: Optional[str] = None, model_class: str = 'auto') -> dict:
+  """Times greedy `model.generate` of an HF directory.
+
+  model_class: 'auto' loads the exported modeling file (trust_remote_code); 'llama' loads an R = 1
+  export as transformers' own `LlamaForCausalLM`, the baseline a PLT should cost about as much as.
 
   prompt_ids: [batch][prompt_len] token ids (equal lengths; no padding). Exactly `new_tokens` are
   generated (eos does not stop early). Returns the median over `repeats` runs, after one warm-up:
@@ -20,16 +23,22 @@ def torch_generate_timing(hf_dir: str, prompt_ids: Sequence[Sequence[int]], new_
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
 
+  if model_class not in ('auto', 'llama'):
+    raise ValueError(f"model_class must be 'auto' or 'llama', got {model_class!r}")
   if new_tokens < 2:
     raise ValueError('new_tokens must be >= 2 to separate prefill from decode')
   if threads is not None:
     torch.set_num_threads(int(threads))
-  kwargs = {'trust_remote_code': True}
+  kwargs = {}
   if dtype is not None:
     kwargs['dtype'] = getattr(torch, dtype)
-  model = AutoModelForCausalLM.from_pretrained(hf_dir, **kwargs).eval()
+  if model_class == 'llama':
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, **kwargs).eval()
+  else:
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, trust_remote_code=True, **kwargs).eval()
   ids = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64))
   if ids.ndim != 2:
     raise ValueError(f'prompt_ids must be [batch][prompt_len], got shape {tuple(ids.shape)}')
@@ -59,4 +68,6 @@ def torch_generate_timing(hf_dir: str, prompt_ids: Sequence[Sequence[int]], new_
       'torch_threads': torch.get_num_threads(),
       'dtype': str(next(model.parameters()).dtype),
       'device': str(model.device),
+      'model_class': type(model).__name__,
+      'transformers': transformers.__version__,
   }

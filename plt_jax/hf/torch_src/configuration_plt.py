@@ -21,7 +21,7 @@ from transformers import PretrainedConfig
 
 class PLTConfig(PretrainedConfig):
   model_type = "plt_llama"
-  keys_to_ignore_at_inference = ["past_key_values"]
+  keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
   def __init__(
       self,

@@ -14,12 +14,19 @@ The forward pass (R = plt_num_loops, L shared layers, E = embed(tokens)):
 R = 1 is exactly Llama. plt_loop_mode='vanilla' feeds h_{r-1} to loop r unshifted, with full causal
 attention over each loop's own keys and no gate.
 
-Decoding (`generate`) keeps a `PLTCache`: loop 1's keys/values for every token, each later loop's last
-W - 1 keys/values (all of them in vanilla mode), and the last token's hn_r of loops 1..R-1. A
-one-token step runs the R loops of the new token side by side as R rows of one pass through the
+Decoding (`generate`) keeps a `PLTCache`, preallocated: loop 1's keys/values for every token (all
+loops' in vanilla mode), a W-slot ring per later loop, and the last token's hn_r of loops 1..R-1.
+A one-token step runs the R loops of the new token side by side as R rows of one pass through the
 layers (row r needs only hn_{r-1} of the previous token, and loop 1's keys of this token, which row 1
 writes in the same layer), so a decode step reads every weight once, whatever R is.
+
+transformers renamed the cache argument and output field from `past_key_values` to `cache` (5.24).
+This file reads both names and returns the cache under the name the output class declares, so
+`generate` threads it on either side of the rename. A call that could only be right with a cache it
+did not get (one token at position > 0, or a mask longer than the tokens) raises instead of
+decoding from nothing.
 """
+import dataclasses
 from typing import Optional
 
 import torch
@@ -63,19 +70,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
   return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           mask: Optional[torch.Tensor]) -> torch.Tensor:
   """Softmax attention in float32, GQA-aware; rows without a visible key give 0.
 
-  q [B, H, S, E]; k, v [B, K, T, E]; mask bool [B, 1, 1, S, T] (True = visible). Query head h
-  reads key/value head h // (H / K), as in HF Llama's repeat_kv.
+  q [B, H, S, E]; k, v [B, K, T, E]; mask bool [B, 1, 1, S, T] (True = visible), or None when every
+  key is visible. Query head h reads key/value head h // (H / K), as in HF Llama's repeat_kv.
   """
   b, h, s, e = q.shape
   kh = k.shape[1]
   qg = q.float().reshape(b, kh, h // kh, s, e)
   scores = torch.einsum("bkgse,bkte->bkgst", qg, k.float()) * (e ** -0.5)
-  scores = scores.masked_fill(~mask, float("-inf"))
-  row_max = scores.amax(dim=-1, keepdim=True)
-  row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+  if mask is None:
+    row_max = scores.amax(dim=-1, keepdim=True)
+  else:
+    scores = scores.masked_fill(~mask, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
   p = torch.exp(scores - row_max)
   p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
   out = torch.einsum("bkgst,bkte->bkgse", p, v.float())
@@ -153,11 +164,37 @@ def _mix(g: torch.Tensor, y_glob: torch.Tensor, y_loc: torch.Tensor) -> torch.Te
 
 
 # ----------------------------------------------------------------------------------------- the cache
-class PLTCache:
-  """Decoding state of a PLT (not a `transformers.Cache`: its layout is PLT's own).
+def _cache_field(output_cls) -> str:
+  """The field under which transformers' output classes carry the cache: `cache` from 5.24 on,
+  `past_key_values` before. Filling the declared field lets `generate` find the cache and keeps the
+  renaming shim (and its deprecation warning) out of every call."""
+  return "cache" if "cache" in getattr(output_cls, "__dataclass_fields__", {}) else "past_key_values"
 
-  keys[r][j] / values[r][j]: loop r+1's keys/values of layer j, [B, K, T_r, E]. Loop 1 (and every
-  loop in vanilla mode) keeps all tokens; G-SWA loops keep only their last W - 1 tokens.
+
+def _output(output_cls, cache, **fields):
+  return output_cls(**fields, **{_cache_field(output_cls): cache})
+
+
+def _given_cache(cache, past_key_values) -> Optional["PLTCache"]:
+  """The cache of a forward call, under either of transformers' names for it."""
+  if cache is not None and past_key_values is not None and cache is not past_key_values:
+    raise ValueError("PLT: got both `cache` and `past_key_values`; pass the cache once")
+  got = cache if cache is not None else past_key_values
+  if got is not None and not isinstance(got, PLTCache):
+    raise ValueError(f"PLT keeps its own PLTCache, but got a {type(got).__name__}: this model "
+                     "declines transformers' standard caches (_supports_default_dynamic_cache)")
+  return got
+
+
+class PLTCache:
+  """Decoding state of a PLT, preallocated (not a `transformers.Cache`: its layout is PLT's own).
+
+  Cache indices count the tokens fed so far (left padding included); `seq_len` is how many.
+  full[r][j]: (K, V) of layer j, [B, K, capacity, E], index i at [:, :, i]: every token of loop 1
+    (of every loop in vanilla mode). Capacity doubles when it runs out, so a decode step writes one
+    token in place instead of copying the whole cache.
+  ring[j]: (K, V) [R-1, B, K, W, E], the G-SWA loops' own keys/values of the last W tokens, index i
+    in slot i % W: a fixed W-token window per loop and sequence.
   hidden[r]: Norm_f(h_{r+1}) of the last token, [B, 1, d], the CLP input of loop r+2's next token.
   """
   is_compileable = False
@@ -166,11 +203,13 @@ class PLTCache:
   def __init__(self, config: PLTConfig):
     self.num_loops = config.plt_num_loops
     self.num_layers = config.num_hidden_layers
-    self.local_window = config.plt_window - 1 if config.plt_uses_gswa else None
-    self.keys = [[None] * self.num_layers for _ in range(self.num_loops)]
-    self.values = [[None] * self.num_layers for _ in range(self.num_loops)]
+    self.window = config.plt_window if config.plt_uses_gswa else None
+    num_full = 1 if config.plt_uses_gswa else self.num_loops
+    self.full = [[None] * self.num_layers for _ in range(num_full)]
+    self.ring = [None] * self.num_layers
     self.hidden = [None] * max(self.num_loops - 1, 0)
     self.seq_len = 0
+    self.batch_size = None
 
   def get_seq_length(self, layer_idx: int = 0) -> int:
     return self.seq_len
@@ -178,29 +217,79 @@ class PLTCache:
   def __len__(self) -> int:
     return self.num_layers
 
-  def local_len(self) -> int:
-    return min(self.seq_len, self.local_window)
+  def write_full(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+    """Stores k, v [B, K, t, E] at indices start .. start+t-1; returns views of 0 .. start+t-1."""
+    end = start + k.shape[2]
+    buf = self.full[loop][layer]
+    if buf is None or buf[0].shape[2] < end:
+      cap = max(64, end, 2 * buf[0].shape[2] if buf is not None else 0)
+      grown = tuple(x.new_empty(x.shape[0], x.shape[1], cap, x.shape[3]) for x in (k, v))
+      if buf is not None:
+        for new, old in zip(grown, buf):
+          new[:, :, :start] = old[:, :, :start]
+      buf = self.full[loop][layer] = grown
+    buf[0][:, :, start:end] = k
+    buf[1][:, :, start:end] = v
+    return buf[0][:, :, :end], buf[1][:, :, :end]
 
-  def append(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor):
-    """Concatenates new keys/values after the stored ones; returns the concatenation."""
-    if self.keys[loop][layer] is not None:
-      k = torch.cat([self.keys[loop][layer], k], dim=2)
-      v = torch.cat([self.values[loop][layer], v], dim=2)
-    keep = k.shape[2] if (loop == 0 or self.local_window is None) else self.local_window
-    # Clamp at 0: a negative start would slice from the end and drop keys still in the window.
-    start = max(k.shape[2] - keep, 0)
-    self.keys[loop][layer] = k[:, :, start:] if keep else k[:, :, :0]
-    self.values[loop][layer] = v[:, :, start:] if keep else v[:, :, :0]
-    return k, v
+  def read_full(self, loop: int, layer: int, end: int):
+    buf = self.full[loop][layer]
+    return buf[0][:, :, :end], buf[1][:, :, :end]
+
+  def _ring(self, layer: int, like: torch.Tensor):
+    if self.ring[layer] is None:  # zeros: empty slots are masked, and must not hold NaN bits
+      shape = (self.num_loops - 1, like.shape[0], like.shape[1], self.window, like.shape[3])
+      self.ring[layer] = (like.new_zeros(shape), like.new_zeros(shape))
+    return self.ring[layer]
+
+  def write_ring(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+    """Stores loop `loop`'s (1-based index >= 1) k, v [B, K, t, E] at indices start .. start+t-1;
+    only the last W stay."""
+    rk, rv = self._ring(layer, k)
+    t = k.shape[2]
+    keep = min(t, self.window)
+    slots = torch.arange(start + t - keep, start + t, device=k.device) % self.window
+    rk[loop - 1].index_copy_(2, slots, k[:, :, t - keep:])
+    rv[loop - 1].index_copy_(2, slots, v[:, :, t - keep:])
+
+  def read_ring(self, loop: int, layer: int, start: int, count: int, like: torch.Tensor):
+    """Loop `loop`'s keys/values of indices start-count .. start-1, in order, [B, K, count, E]."""
+    rk, rv = self._ring(layer, like)
+    slots = torch.arange(start - count, start, device=like.device) % self.window
+    return rk[loop - 1].index_select(2, slots), rv[loop - 1].index_select(2, slots)
+
+  def write_ring_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor, index: int):
+    """One token of every G-SWA loop: k, v [R-1, B, K, E] at `index`; returns the rings
+    [(R-1) * B, K, W, E]."""
+    rk, rv = self._ring(layer, k[0, :, :, None])
+    slot = index % self.window
+    rk[:, :, :, slot] = k
+    rv[:, :, :, slot] = v
+    return rk.flatten(0, 1), rv.flatten(0, 1)
 
   def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-    for store in (self.keys, self.values):
-      for per_loop in store:
-        for j, t in enumerate(per_loop):
-          if t is not None:
-            per_loop[j] = t.index_select(0, beam_idx.to(t.device))
-    self.hidden = [None if t is None else t.index_select(0, beam_idx.to(t.device))
-                   for t in self.hidden]
+    """Beam search: row b of every state becomes row beam_idx[b]."""
+    def pick(t, dim):
+      return None if t is None else t.index_select(dim, beam_idx.to(t.device))
+    self.full = [[None if kv is None else (pick(kv[0], 0), pick(kv[1], 0)) for kv in per_loop]
+                 for per_loop in self.full]
+    self.ring = [None if kv is None else (pick(kv[0], 1), pick(kv[1], 1)) for kv in self.ring]
+    self.hidden = [pick(t, 0) for t in self.hidden]
+
+
+@dataclasses.dataclass
+class _Masks:
+  """Visibility of one forward call's keys (True = visible; None = all visible).
+
+  full:  [B, 1, 1, t, start + t] over indices 0 .. start+t-1 (causal, padding).
+  local: [B, 1, 1, t, n + t] over the n = min(start, W - 1) ring tokens before the chunk and the
+         chunk itself (window, causal, padding); chunk calls only.
+  ring:  [B, 1, 1, 1, W] over the ring slots after this token's write; one-token row steps only.
+  """
+  start: int
+  full: Optional[torch.Tensor]
+  local: Optional[torch.Tensor] = None
+  ring: Optional[torch.Tensor] = None
 
 
 # --------------------------------------------------------------------------------------- the layers
@@ -210,54 +299,51 @@ class PLTDecoderLayer(nn.Module):
   def __init__(self, config: PLTConfig, layer_idx: int):
     super().__init__()
     self.layer_idx = layer_idx
-    self.window = config.plt_window
     self.input_layernorm = PLTRMSNorm(config.hidden_size, config.rms_norm_eps)
     self.self_attn = PLTAttention(config)
     self.post_attention_layernorm = PLTRMSNorm(config.hidden_size, config.rms_norm_eps)
     self.mlp = PLTMLP(config)
 
   def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PLTCache,
-              loop: int, mode: str, full_mask: torch.Tensor,
-              local_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """mode 'causal': causal attention over this loop's own keys (loop 1, vanilla loops);
+              loop: int, mode: str, masks: _Masks) -> torch.Tensor:
+    """mode 'causal': causal attention over loop `loop`'s own keys (loop 1, vanilla loops);
     'gswa': G-SWA of loop `loop` (>= 1, zero-based) over loop 1's keys and its own window;
     'rows': one decode token, loop r on rows [r*B, (r+1)*B) of x (see module docstring)."""
-    j = self.layer_idx
-    attn = self.self_attn
+    j, attn, start = self.layer_idx, self.self_attn, masks.start
     u = self.input_layernorm(x)
     q, k, v = attn.project(u, cos, sin)
     if mode == "causal":
-      k_all, v_all = cache.append(loop, j, k, v)
-      y = attend(q, k_all, v_all, full_mask)
+      k_all, v_all = cache.write_full(loop, j, k, v, start)
+      y = attend(q, k_all, v_all, masks.full)
     elif mode == "gswa":
-      k1, v1 = cache.keys[0][j], cache.values[0][j]   # loop 1 already appended this chunk
-      k_loc, v_loc = cache.append(loop, j, k, v)
-      g = attn.plt_gate(x, q)
-      y = _mix(g, attend(q, k1, v1, full_mask), attend(q, k_loc, v_loc, local_mask))
+      t = k.shape[2]
+      k1, v1 = cache.read_full(0, j, start + t)   # loop 1 already wrote this chunk
+      n = min(start, cache.window - 1)
+      old_k, old_v = cache.read_ring(loop, j, start, n, k)
+      cache.write_ring(loop, j, k, v, start)
+      y_loc = attend(q, torch.cat([old_k, k], 2), torch.cat([old_v, v], 2), masks.local)
+      y = _mix(attn.plt_gate(x, q), attend(q, k1, v1, masks.full), y_loc)
     elif mode == "rows":
-      y = self._rows_attention(x, q, k, v, cache, full_mask, local_mask)
+      y = self._rows_attention(x, q, k, v, cache, masks)
     else:
       raise ValueError(f"unknown mode {mode!r}")
     x = x + attn.out(y)
     return x + self.mlp(self.post_attention_layernorm(x))
 
-  def _rows_attention(self, x, q, k, v, cache, full_mask, local_mask):
+  def _rows_attention(self, x, q, k, v, cache, masks):
     j, r_total = self.layer_idx, cache.num_loops
     b = x.shape[0] // r_total
-    k1, v1 = cache.append(0, j, k[:b], v[:b])
-    y1 = attend(q[:b], k1, v1, full_mask)
+    h, kh, e = q.shape[1], k.shape[1], q.shape[3]
+    k1, v1 = cache.write_full(0, j, k[:b], v[:b], masks.start)
+    y1 = attend(q[:b], k1, v1, masks.full)
     # Loops 2..R of one token share loop 1's keys: stack them as R-1 queries of one attention.
-    h, e = q.shape[1], q.shape[3]
     q_rest = q[b:].reshape(r_total - 1, b, h, e).permute(1, 2, 0, 3)        # [B, H, R-1, E]
-    y_glob = attend(q_rest, k1, v1, full_mask)
+    y_glob = attend(q_rest, k1, v1, masks.full)
     y_glob = y_glob.permute(2, 0, 1, 3).reshape((r_total - 1) * b, h, 1, e)
-    k_loc, v_loc = [], []
-    for r in range(1, r_total):
-      kr, vr = cache.append(r, j, k[r * b:(r + 1) * b], v[r * b:(r + 1) * b])
-      k_loc.append(kr)
-      v_loc.append(vr)
-    y_loc = attend(q[b:], torch.cat(k_loc, 0), torch.cat(v_loc, 0),
-                   local_mask.repeat(r_total - 1, 1, 1, 1, 1))
+    rk, rv = cache.write_ring_rows(j, k[b:].reshape(r_total - 1, b, kh, e),
+                                   v[b:].reshape(r_total - 1, b, kh, e), masks.start)
+    ring_mask = None if masks.ring is None else masks.ring.repeat(r_total - 1, 1, 1, 1, 1)
+    y_loc = attend(q[b:], rk, rv, ring_mask)
     g = self.self_attn.plt_gate(x[b:], q[b:])
     return torch.cat([y1, _mix(g, y_glob, y_loc)], dim=0)
 
@@ -268,7 +354,7 @@ class PLTPreTrainedModel(PreTrainedModel):
   base_model_prefix = "model"
   supports_gradient_checkpointing = False
   _no_split_modules = ["PLTDecoderLayer"]
-  _skip_keys_device_placement = ["past_key_values"]
+  _skip_keys_device_placement = ["past_key_values", "cache"]
 
   @classmethod
   def _supports_default_dynamic_cache(cls) -> bool:
@@ -285,6 +371,28 @@ class PLTPreTrainedModel(PreTrainedModel):
     elif isinstance(module, PLTGate):  # zero gate: g = 0.5 at init
       nn.init.zeros_(module.weight)
       nn.init.zeros_(module.bias)
+
+
+def _key_validity(attention_mask, bsz: int, past: int, new: int, has_cache: bool, device):
+  """Which of the past + new keys are real tokens [B, past + new] (None: all of them)."""
+  if attention_mask is None:
+    return None
+  if attention_mask.dim() != 2 or attention_mask.shape[0] != bsz:
+    raise ValueError(f"PLT: attention_mask must be 2-D [batch={bsz}, tokens so far], got "
+                     f"{tuple(attention_mask.shape)}")
+  n = attention_mask.shape[1]
+  if n != past + new:
+    if not has_cache and n > new:
+      raise ValueError(
+          f"PLT: attention_mask covers {n} tokens, but this call has {new} new token(s) and no "
+          f"cache of the {n - new} before them. Pass the cache returned by the previous call (as "
+          "`past_key_values`, or `cache` from transformers 5.24 on), or all tokens with "
+          "use_cache=False.")
+    raise ValueError(f"PLT: attention_mask covers {n} tokens, but the cache holds {past} and this "
+                     f"call adds {new}: the mask must cover the whole sequence so far "
+                     f"({past + new})")
+  valid = attention_mask.to(device).bool()
+  return None if bool(valid.all()) else valid
 
 
 class PLTModel(PLTPreTrainedModel):
@@ -317,73 +425,95 @@ class PLTModel(PLTPreTrainedModel):
                           torch.zeros((), device=e.device))
     return (a * e.float() + b * shifted).to(e.dtype)
 
+  def _masks(self, valid, bsz: int, p: int, t: int, rows: bool, device) -> _Masks:
+    c = self.config
+    if t == 1:  # every earlier key is causally visible: only padding can hide one
+      full = None if valid is None else valid[:, None, None, None, :]
+    else:
+      q_idx = torch.arange(p, p + t, device=device)[:, None]
+      k_idx = torch.arange(p + t, device=device)[None, :]
+      full = (k_idx <= q_idx)[None]
+      full = (full if valid is None else full & valid[:, None, :])[:, None, None]
+    masks = _Masks(start=p, full=full)
+    if not c.plt_uses_gswa:
+      return masks
+    w = c.plt_window
+    if rows:  # slot s holds index p - ((p - s) mod W) once this token is written
+      slot_idx = p - torch.remainder(p - torch.arange(w, device=device), w)
+      if p + 1 >= w and valid is None:
+        return masks
+      ring = (slot_idx >= 0)[None].expand(bsz, w)
+      if valid is not None:
+        ring = ring & valid.gather(1, slot_idx.clamp_min(0)[None].expand(bsz, w))
+      masks.ring = ring[:, None, None, None, :]
+    else:
+      n = min(p, w - 1)
+      q_idx = torch.arange(p, p + t, device=device)[:, None]
+      k_idx = torch.arange(p - n, p + t, device=device)[None, :]
+      local = ((k_idx <= q_idx) & (q_idx - k_idx < w))[None]
+      masks.local = (local if valid is None else local & valid[:, None, p - n:])[:, None, None]
+    return masks
+
   def forward(self, input_ids: Optional[torch.LongTensor] = None,
               attention_mask: Optional[torch.Tensor] = None,
               position_ids: Optional[torch.LongTensor] = None,
               past_key_values: Optional[PLTCache] = None,
               inputs_embeds: Optional[torch.Tensor] = None,
               use_cache: Optional[bool] = None,
+              cache: Optional[PLTCache] = None,
               **kwargs) -> BaseModelOutputWithPast:
     c = self.config
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids and inputs_embeds")
-    if past_key_values is not None and not isinstance(past_key_values, PLTCache):
-      raise ValueError(f"PLT keeps its own PLTCache; got past_key_values of type "
-                       f"{type(past_key_values).__name__}")
+    given = _given_cache(cache, past_key_values)
     use_cache = c.use_cache if use_cache is None else use_cache
     e = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     bsz, t = e.shape[:2]
-    cache = past_key_values if past_key_values is not None else PLTCache(c)
-    p = cache.seq_len
     dev = e.device
-
-    # Key validity (padding) over the whole sequence so far, and positions of the new tokens.
-    if attention_mask is not None:
-      if attention_mask.dim() != 2 or attention_mask.shape[1] != p + t:
-        raise ValueError(f"attention_mask must be 2-D [batch, past + new = {p + t}], "
-                         f"got {tuple(attention_mask.shape)}")
-      valid = attention_mask.to(dev).bool()
-    else:
-      valid = torch.ones(bsz, p + t, dtype=torch.bool, device=dev)
+    p = 0 if given is None else given.seq_len
+    if given is not None and given.batch_size not in (None, bsz):
+      raise ValueError(f"PLT: the cache holds {given.batch_size} sequences, this call {bsz}")
+    valid = _key_validity(attention_mask, bsz, p, t, given is not None, dev)
     if position_ids is None:
-      if attention_mask is not None:
+      if valid is not None:
         position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)[:, p:]
       else:
         position_ids = torch.arange(p, p + t, device=dev)[None].expand(bsz, t)
     position_ids = position_ids.to(dev)
+    if position_ids.dim() == 1:
+      position_ids = position_ids[None]
+    position_ids = position_ids.expand(bsz, t)
+    if given is None and t == 1 and bool((position_ids > 0).any()):
+      raise ValueError(
+          f"PLT: one token at position {int(position_ids.max())} with no cache: its loops need the "
+          "cached keys, values and hidden states of the tokens before it. Pass the cache returned "
+          "by the previous call (as `past_key_values`, or `cache` from transformers 5.24 on), or "
+          "the whole sequence with use_cache=False.")
+    cache = given if given is not None else PLTCache(c)
     cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta)
 
-    # Masks in one index space: query i of this chunk is token p + i; keys are tokens 0 .. p+t-1.
-    q_idx = torch.arange(p, p + t, device=dev)[:, None]
-    k_idx = torch.arange(p + t, device=dev)[None, :]
-    full_mask = ((k_idx <= q_idx)[None] & valid[:, None, :])[:, None, None]
-    local_mask = None
-    if c.plt_uses_gswa:
-      lp = cache.local_len()
-      kl = k_idx[:, p - lp:]
-      local_mask = (((kl <= q_idx) & (q_idx - kl < c.plt_window))[None]
-                    & valid[:, None, p - lp:])[:, None, None]
-
     r_total = c.plt_num_loops
-    if t == 1 and c.plt_uses_gswa and self.parallel_decode:
-      rows = [e] + [self._clp(e, cache.hidden[r - 1] if p > 0 else torch.zeros_like(e),
-                              position_ids) for r in range(1, r_total)]
-      x = torch.cat(rows, dim=0)
+    rows = t == 1 and c.plt_uses_gswa and self.parallel_decode
+    masks = self._masks(valid, bsz, p, t, rows, dev)
+    if rows:
+      rows_in = [e] + [self._clp(e, cache.hidden[r - 1] if p > 0 else torch.zeros_like(e),
+                                 position_ids) for r in range(1, r_total)]
+      x = torch.cat(rows_in, dim=0)
       cos_r, sin_r = cos.repeat(r_total, 1, 1), sin.repeat(r_total, 1, 1)
       for layer in self.layers:
-        x = layer(x, cos_r, sin_r, cache, 0, "rows", full_mask, local_mask)
+        x = layer(x, cos_r, sin_r, cache, 0, "rows", masks)
       for r in range(r_total - 1):
         cache.hidden[r] = self._between_loops(x[r * bsz:(r + 1) * bsz])
       h = x[(r_total - 1) * bsz:]
     else:
       h = e
       for layer in self.layers:
-        h = layer(h, cos, sin, cache, 0, "causal", full_mask)
+        h = layer(h, cos, sin, cache, 0, "causal", masks)
       for r in range(1, r_total):
         if c.plt_loop_mode == "vanilla":
           x = h
           for layer in self.layers:
-            x = layer(x, cos, sin, cache, r, "causal", full_mask)
+            x = layer(x, cos, sin, cache, r, "causal", masks)
         else:
           hn = self._between_loops(h)
           prev = cache.hidden[r - 1] if p > 0 else torch.zeros_like(hn[:, :1])
@@ -391,11 +521,12 @@ class PLTModel(PLTPreTrainedModel):
                         position_ids)
           cache.hidden[r - 1] = hn[:, -1:]
           for layer in self.layers:
-            x = layer(x, cos, sin, cache, r, "gswa", full_mask, local_mask)
+            x = layer(x, cos, sin, cache, r, "gswa", masks)
         h = x
     cache.seq_len = p + t
-    return BaseModelOutputWithPast(last_hidden_state=self.norm(h),
-                                   past_key_values=cache if use_cache else None)
+    cache.batch_size = bsz
+    return _output(BaseModelOutputWithPast, cache if use_cache else None,
+                   last_hidden_state=self.norm(h))
 
 
 class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
@@ -428,9 +559,10 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
               use_cache: Optional[bool] = None,
               logits_to_keep: int = 0,
               return_dict: Optional[bool] = None,
+              cache: Optional[PLTCache] = None,
               **kwargs):
     out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                     position_ids=position_ids, past_key_values=past_key_values,
+                     position_ids=position_ids, cache=_given_cache(cache, past_key_values),
                      inputs_embeds=inputs_embeds, use_cache=use_cache)
     hidden = out.last_hidden_state
     if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -442,7 +574,8 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
     if labels is not None:  # next-token cross-entropy; -100 marks ignored targets
       loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                              labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-    result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+    result = _output(CausalLMOutputWithPast, getattr(out, _cache_field(type(out))),
+                     loss=loss, logits=logits)
     if return_dict is False:
       return result.to_tuple()
     return result
