@@ -1,17 +1,24 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, CPU):
 #   make train   installs into .venv and runs the main job on its embedded default
 #   make test    installs into .venv (with the PyTorch side) and runs the test suite
+# Both install the tested package set in locks/py<X.Y>.txt; `make lock` regenerates it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+LOCK := locks/py$(PYVER).txt
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[torch,test]'
+	$(PY) -m pip install -q -c $(LOCK) pip
+	# torch first: the lock's CPU build, which pip finds on this machine's disk.
+	$(PY) -m pip install -q -c $(LOCK) torch
+	$(PY) -m pip install -q -c $(LOCK) -e '.[torch,test]'
 	touch $@
+
+$(LOCK):
+	@echo "no lock for Python $(PYVER) ($(LOCK)): run 'make lock PYTHON=$(PYTHON)' or use Python 3.11" >&2
+	@exit 1
 
 install: $(VENV)/.installed
 
@@ -21,4 +28,11 @@ train: install
 test: install
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
-.PHONY: install train test
+# Regenerate the locks from today's newest releases (3.12 where a python3.12 exists), then run
+# `make test` on the new lock before committing it.
+PYTHON312 ?= $(shell command -v python3.12 || ls $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 2>/dev/null | head -n 1)
+lock:
+	tools/lock.sh $(PYTHON)
+	@if [ -n "$(PYTHON312)" ]; then tools/lock.sh $(PYTHON312); else echo "python3.12 not found: locks/py3.12.txt left as it is"; fi
+
+.PHONY: install train test lock

@@ -80,6 +80,8 @@ def parse_args(argv=None):
   p.add_argument('--torch_threads', type=int, default=None,
                  help="torch threads for the baseline (default: the cores this process may use, "
                       "as XLA's CPU thread pool does)")
+  p.add_argument('--torch_repeats', type=int, default=5,
+                 help='interleaved generate() repeats per PyTorch model (medians reported)')
   args = p.parse_args(argv)
   if args.torch_threads is None:
     args.torch_threads = len(os.sched_getaffinity(0))
@@ -211,14 +213,17 @@ def torch_baseline(weights: 'Weights', base: ModelConfig, args, batch: int) -> d
   out = {'batch': batch, 'torch_threads': args.torch_threads}
   with tempfile.TemporaryDirectory() as d:
     tok = tok_lib.build_tokenizer('byte', workdir=d)
+    models = {}
     for key, loops, model_class in (('llama_R1', 1, 'llama'), ('plt_R2', 2, 'auto')):
-      hf_dir = hf.export_model(weights.model(base.replace(num_loops=loops)), tok,
-                               os.path.join(d, key), dtype=args.dtype)
-      t = hf.torch_generate_timing(hf_dir, prompts, args.steps + 1, threads=args.torch_threads,
-                                   model_class=model_class)
-      out[f'torch_{key}_step_ms'] = 1e3 * t['decode_s_per_token']
-      out[f'torch_{key}_prefill_s'] = t['prefill_s']
-      out['transformers'] = t['transformers']
+      models[key] = (hf.export_model(weights.model(base.replace(num_loops=loops)), tok,
+                                     os.path.join(d, key), dtype=args.dtype), model_class)
+    timed = hf.torch_generate_timings(models, prompts, args.steps + 1,
+                                             repeats=args.torch_repeats,
+                                             threads=args.torch_threads)
+  for key, t in timed.items():
+    out[f'torch_{key}_step_ms'] = 1e3 * t['decode_s_per_token']
+    out[f'torch_{key}_prefill_s'] = t['prefill_s']
+    out['transformers'] = t['transformers']
   out['torch_plt_R2/torch_llama_R1'] = out['torch_plt_R2_step_ms'] / out['torch_llama_R1_step_ms']
   return out
 

@@ -823,3 +823,20 @@ def test_seed_snippet_on_trained_and_cli_exported_model(tc, tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'experiments.export', f'--workdir={run}',
                          f'--out={out}'], cwd=root, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 1 and 'not empty' in proc.stderr
+
+
+def test_bench_decode_torch_baseline_small(tc, tmp_path):
+  """bench_decode --torch_baseline: HF Llama R=1 and the exported PLT R=2 on the same weights and
+  threads, beside plt_jax's R=1 and R=2."""
+  from experiments import bench_decode  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'bench.json'
+  assert bench_decode.main(['--small', '--loops', '1,2', '--modes', 'plt', '--torch_baseline',
+                            '--torch_repeats', '1', '--torch_threads', '1', '--out',
+                            str(out)]) == 0
+  tb = json.load(open(out))['torch_baseline'][0]
+  for key in ('torch_llama_R1_step_ms', 'torch_plt_R2_step_ms', 'jax_plt_R1_step_ms',
+              'jax_plt_R2_step_ms'):
+    assert tb[key] > 0, key
+  assert tb['torch_threads'] == 1 and tb['batch'] == 1
+  assert tb['torch_plt_R2/torch_llama_R1'] == pytest.approx(
+      tb['torch_plt_R2_step_ms'] / tb['torch_llama_R1_step_ms'])
