@@ -82,11 +82,12 @@ class _FrozenIteratorState:
 # --------------------------------------------------------------------------- the manager
 
 class _DropReadOnlyNotice(logging.Filter):
-  """Orbax warns that a directory 'is read only' whenever a manager is opened read-only; for a
-  reader that is the intended mode, not news."""
+  """Orbax warns whenever a manager is opened read-only (the directory 'is read only', the save
+  interval set to 0); for a reader that is the intended mode, not news."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return 'read only' not in str(record.msg)
+    msg = str(record.msg)
+    return 'read only' not in msg and 'read_only=True' not in msg
 
 
 @contextlib.contextmanager
@@ -112,9 +113,9 @@ class Checkpointer:
                read_only: bool = False):
     self.directory = os.path.abspath(os.path.expanduser(directory))
     if read_only:
-      options = ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                             enable_async_checkpointing=False)
       with _quiet_read_only():
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                               enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
     else:
       options = ocp.CheckpointManagerOptions(
