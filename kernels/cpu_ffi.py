@@ -15,6 +15,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -39,13 +40,41 @@ FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 
 
 def _cpu_model() -> str:
+  """The CPU's model name and instruction-set flags: '-march=native' code is only valid where
+  both match (a home directory shared across a cluster's CPUs must not load another's build)."""
+  found = {}
   try:
     for line in open('/proc/cpuinfo'):
-      if line.startswith(('model name', 'flags')):
-        return line  # '-march=native' code is only valid on the CPU it was built for
+      key = line.split(':', 1)[0].strip()
+      if key in ('model name', 'flags', 'Features', 'CPU part') and key not in found:
+        found[key] = line.strip()
   except OSError:
     pass
-  return platform.processor()
+  return '\n'.join(found[k] for k in sorted(found)) or platform.processor()
+
+
+def usable_cores() -> int:
+  """Cores this process may run on: its affinity mask, capped by a cgroup CPU quota."""
+  try:
+    n = len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    n = os.cpu_count() or 1
+  quota = None
+  try:  # cgroup v2: "max 100000" or "<quota> <period>"
+    q, period = Path('/sys/fs/cgroup/cpu.max').read_text().split()[:2]
+    if q != 'max':
+      quota = int(q) / int(period)
+  except (OSError, ValueError):
+    try:  # cgroup v1
+      q = int(Path('/sys/fs/cgroup/cpu/cpu.cfs_quota_us').read_text())
+      period = int(Path('/sys/fs/cgroup/cpu/cpu.cfs_period_us').read_text())
+      if q > 0:
+        quota = q / period
+    except (OSError, ValueError):
+      pass
+  if quota is not None:
+    n = min(n, max(1, math.ceil(quota)))
+  return max(1, n)
 
 
 def library_path(cache_dir: Optional[str] = None) -> Path:
@@ -88,6 +117,7 @@ def available() -> bool:
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(str(build()))
+    lib.PltSetNumThreads(ctypes.c_int(usable_cores()))
     for target, symbol in TARGETS.items():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
   except Exception as e:  # pylint: disable=broad-except

@@ -66,3 +66,34 @@ def test_first_use_registers_the_kernel():
 def test_rejects_other_dtypes():
   with pytest.raises(ValueError, match='float32'):
     cpu_rows.rows_matmul(jnp.ones((2, 4), jnp.bfloat16), jnp.ones((4, 3), jnp.bfloat16))
+
+
+def test_library_is_keyed_on_the_instruction_set(monkeypatch):
+  """'-march=native' builds differ per ISA: a CPU with other flags must not load this build."""
+  from kernels import cpu_ffi  # pylint: disable=import-outside-toplevel
+  model = cpu_ffi._cpu_model()  # pylint: disable=protected-access
+  if os.path.exists('/proc/cpuinfo') and 'flags' in open('/proc/cpuinfo').read():
+    assert 'flags' in model
+  here = cpu_ffi.library_path('/tmp/k')
+  monkeypatch.setattr(cpu_ffi, '_cpu_model', lambda: model.replace(' avx2', ''))
+  assert (cpu_ffi.library_path('/tmp/k') != here) == (' avx2' in model)
+  monkeypatch.setattr(cpu_ffi, '_cpu_model', lambda: model + ' some_new_extension')
+  assert cpu_ffi.library_path('/tmp/k') != here
+
+
+def test_threads_follow_the_affinity_mask():
+  """Pinned to one core, the kernels size their pool to it and still compute the same product."""
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  if not hasattr(os, 'sched_setaffinity'):
+    pytest.skip('no affinity masks on this platform')
+  code = ('import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); '
+          'import jax, numpy as np; from kernels import cpu_ffi, cpu_rows; '
+          'rng = np.random.default_rng(3); x = rng.standard_normal((3, 700)).astype(np.float32); '
+          'w = rng.standard_normal((700, 130)).astype(np.float32); '
+          'got = np.asarray(jax.jit(cpu_rows.rows_matmul)(x, w)); '
+          'print(cpu_ffi.usable_cores(), float(np.abs(got - x.astype(np.float64) @ w).max()))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  cores, err = out.stdout.strip().splitlines()[-1].split()
+  assert int(cores) == 1
+  assert float(err) < 1e-3

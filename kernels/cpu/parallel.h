@@ -19,6 +19,18 @@
 
 namespace plt_cpu {
 
+// Threads the kernels may use, caller included: set from Python (PltSetNumThreads) to the cores
+// this process may run on (affinity mask, cgroup CPU quota) before the pool starts; 0 = unset.
+inline std::atomic<int>& ConfiguredThreads() {
+  static std::atomic<int> n{0};
+  return n;
+}
+
+inline int64_t NumThreads() {
+  const int n = ConfiguredThreads().load();
+  return n > 0 ? n : std::max(1u, std::thread::hardware_concurrency());
+}
+
 class SpinPool {
  public:
   // Calls fn(i) for every i in [0, n) on the caller and the helpers, and returns when all are
@@ -68,7 +80,7 @@ class SpinPool {
   };
 
   SpinPool() {
-    helpers_ = std::max(1u, std::thread::hardware_concurrency()) - 1;
+    helpers_ = NumThreads() - 1;
     for (int64_t i = 0; i < helpers_; ++i) std::thread([this] { Loop(); }).detach();
   }
 
@@ -104,8 +116,6 @@ template <typename Fn>
 void ParallelFor(int64_t n, Fn fn) {
   SpinPool::Get().ParallelFor(n, fn);
 }
-
-inline int64_t NumThreads() { return std::max(1u, std::thread::hardware_concurrency()); }
 
 }  // namespace plt_cpu
 

@@ -129,3 +129,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PltRowsMatmul, RowsMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// The cores this process may use (Python reads the affinity mask and cgroup quota); effective
+// only before the first kernel call starts the helper threads.
+extern "C" void PltSetNumThreads(int n) { plt_cpu::ConfiguredThreads().store(n > 0 ? n : 0); }
