@@ -1,8 +1,9 @@
 """Evaluate a checkpoint: `python -m experiments.evaluate --workdir=RUN --suite=humaneval|perplexity`.
 
   --suite=humaneval   generate with the PLT decode path, run every completion in the sandbox,
-                      score pass@k. Writes OUT/samples.jsonl (one line per problem; a rerun
-                      resumes), OUT/summary.json and OUT/meta.json.
+                      score pass@k (refused where a sandbox layer is missing, unless
+                      --allow_weaker_isolation). Writes OUT/samples.jsonl (one line per
+                      problem; a rerun resumes), OUT/summary.json and OUT/meta.json.
                       OUT defaults to <run>/eval/humaneval-step<S>-n<samples>-t<temperature>.
   --suite=perplexity  bits per byte and token perplexity on the run's validation split, or on
                       --files=GLOB[,GLOB...]. Writes <run>/eval/perplexity-*.json.
@@ -49,6 +50,9 @@ _NPROC = flags.DEFINE_integer('nproc', 8, 'Processes a program may have (itself 
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _KS = flags.DEFINE_list('ks', ['1', '10', '100'], 'k of pass@k (those <= --samples are reported).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Discard earlier results in the output dir.')
+_WEAKER = flags.DEFINE_bool('allow_weaker_isolation', False,
+                            'Run completions even where a sandbox layer is missing on this '
+                            'machine (summary.json isolation.missing lists them).')
 # perplexity
 _FILES = flags.DEFINE_list('files', [], 'Globs of text files to score instead of the val split.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 0, 'Row length (default: the run\'s train.seq_len; '
@@ -70,7 +74,8 @@ def main(argv):
                   top_k=_TOP_K.value, max_new_tokens=_MAX_NEW.value, limit=_LIMIT.value,
                   batch_size=_BATCH.value, workers=_WORKERS.value, timeout=_TIMEOUT.value,
                   memory_mb=_MEMORY.value, nproc=_NPROC.value, seed=_SEED.value,
-                  ks=[int(k) for k in _KS.value], overwrite=_OVERWRITE.value)
+                  ks=[int(k) for k in _KS.value], overwrite=_OVERWRITE.value,
+                  allow_weaker_isolation=_WEAKER.value)
   try:
     summary = run(suite, workdir=_WORKDIR.value, hf_dir=_HF_DIR.value, step=_STEP.value,
                   dtype=_DTYPE.value, out_dir=_OUT.value, files=_FILES.value,

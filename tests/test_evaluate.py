@@ -3,7 +3,8 @@ perplexity byte accounting, and the `experiments.evaluate` command on a tiny tra
 
 The adversarial programs run together on one worker pool (module fixture), so their 2-3 s
 timeouts overlap. Every sandbox runs under a fresh throwaway uid when the tests run as root; the
-tests check that no process of that uid survives.
+tests check that no process of that uid survives. tests/test_sandbox.py covers the filesystem
+view, secrets and forged verdicts.
 """
 import json
 import math
@@ -127,6 +128,11 @@ def test_problems_file():
   prog = humaneval.build_program(p, p['canonical_solution'])
   assert prog.startswith(p['prompt'] + p['canonical_solution'])
   assert prog.rstrip().endswith(f'check({p["entry_point"]})')
+  # What evaluate runs: the candidate holds no test code; the judge holds prompt and tests.
+  cand, judge = humaneval.build_job(p, p['canonical_solution'])
+  assert cand == p['prompt'] + p['canonical_solution'] and p['test'] not in cand
+  assert (judge.setup, judge.test, judge.entry_point) == (p['prompt'], p['test'],
+                                                          'has_close_elements')
 
 
 # ---------------------------------------------------------------------- adversarial programs
@@ -152,16 +158,20 @@ BOMB = textwrap.dedent('''
 ''')
 
 
+PROBLEM = dict(
+    prompt='from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    """ Any two numbers closer than threshold? """\n',
+    test=textwrap.dedent('''
+        def check(candidate):
+            assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True
+            assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False
+    '''),
+    entry_point='has_close_elements')
+
+
 def _completion_program(completion):
-  """A HumanEval-shaped program (problem 0's prompt and tests) around an adversarial body."""
-  prompt = 'from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    """ Any two numbers closer than threshold? """\n'
-  test = textwrap.dedent('''
-      def check(candidate):
-          assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True
-          assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False
-  ''')
-  return humaneval.build_program(dict(prompt=prompt, test=test, entry_point='has_close_elements'),
-                                 completion)
+  """A HumanEval-shaped job (problem 0's prompt and tests) around an adversarial body:
+  (program, judge), as humaneval.evaluate runs it."""
+  return humaneval.build_job(PROBLEM, completion)
 
 
 GOOD = ('    return any(abs(a - b) < threshold for i, a in enumerate(numbers)\n'
@@ -192,7 +202,7 @@ def adversarial(outside, tmp_path_factory):
       'wrong': _completion_program('    return True\n'),
       'infinite_loop': _completion_program('    while True:\n        pass\n'),
       'alloc_10gb': _completion_program('    x = bytearray(10 * 1024 ** 3)\n    return True\n'),
-      'fork_bomb': BOMB,
+      'fork_bomb': (BOMB, None),
       'write_outside': _completion_program(
           '    open("inside.txt", "w").write("ok")\n'
           '    assert open("inside.txt").read() == "ok"\n'
@@ -207,16 +217,17 @@ def adversarial(outside, tmp_path_factory):
       'sys_exit_in_body': _completion_program('    import sys\n    sys.exit(0)\n'),
       'sys_exit_module': _completion_program('    return True\nimport sys\nsys.exit(0)\n'),
       'os_exit_module': _completion_program('    return True\nimport os\nos._exit(0)\n'),
+      'os_exit_program': ('import os\nos._exit(0)\n', None),
       'network': _completion_program(
           '    import socket\n'
           f'    socket.create_connection(("127.0.0.1", {port}), timeout=1).sendall(b"x")\n'
           + GOOD),
-      'huge_output': 'import sys\nwhile True:\n    sys.stdout.write("x" * 65536)\n',
+      'huge_output': ('import sys\nwhile True:\n    sys.stdout.write("x" * 65536)\n', None),
   }
   t0 = time.monotonic()
   base = tmp_path_factory.mktemp('sandboxes')
-  results = sandbox.run_programs(list(progs.values()), LIMITS, workers=len(progs),
-                                 base_dir=str(base))
+  results = sandbox.run_programs([p for p, _ in progs.values()], LIMITS, workers=len(progs),
+                                 judges=[j for _, j in progs.values()], base_dir=str(base))
   wall = time.monotonic() - t0
   listener.settimeout(0.3)
   try:
@@ -260,17 +271,19 @@ def test_fork_bomb_is_bounded_and_everything_dies(adversarial):
   _no_survivors(r)
 
 
-@pytest.mark.skipif(not ROOT, reason='write containment comes from the throwaway uid (root only)')
 def test_write_and_delete_outside_the_sandbox_are_contained(adversarial, outside):
   res, t = adversarial
   w = res['write_outside']
-  assert not w.passed and 'PermissionError' in w.reason, w   # it got past writing its own cwd
+  # It got past writing its own cwd; the outside directory is not even in its view.
+  assert not w.passed and w.reason.startswith('FileNotFoundError'), w
   assert not (outside / 'pwned.txt').exists()
   d = res['delete_outside']
-  assert not d.passed and 'PermissionError' in d.reason, d
+  assert not d.passed and d.reason.startswith('FileNotFoundError'), d
   assert (outside / 'keep.txt').read_text() == 'precious'
   assert os.listdir(t['base']) == []                          # sandbox directories removed
-  assert w.isolation['uid'] is not None and w.isolation['uid'] != 0
+  assert w.isolation['filesystem'] == 'private'
+  if ROOT:
+    assert w.isolation['uid'] is not None and w.isolation['uid'] != 0
 
 
 def test_killing_the_parent_or_the_evaluator_fails_and_the_evaluator_survives(adversarial):
@@ -283,14 +296,17 @@ def test_killing_the_parent_or_the_evaluator_fails_and_the_evaluator_survives(ad
   assert sandbox.run_program('assert sum(range(4)) == 6\n', LIMITS).passed
 
 
-@pytest.mark.parametrize('name', ['sys_exit_in_body', 'sys_exit_module', 'os_exit_module'])
+@pytest.mark.parametrize('name', ['sys_exit_in_body', 'sys_exit_module', 'os_exit_module',
+                                  'os_exit_program'])
 def test_exiting_with_status_0_before_the_asserts_is_not_a_pass(adversarial, name):
   r = adversarial[0][name]
   assert not r.passed and r.status == 'failed', r
   if name == 'os_exit_module':
-    assert r.exit_code == 0 and 'no pass signal' in r.reason
+    assert r.reason == 'the program exited before the tests finished', r.reason
+  elif name == 'os_exit_program':  # no judge: the missing end-of-program token
+    assert r.exit_code == 0 and 'no pass signal' in r.reason, r.reason
   else:
-    assert 'SystemExit' in r.reason
+    assert r.reason == 'SystemExit: 0', r.reason
 
 
 def test_no_network(adversarial):
@@ -549,6 +565,7 @@ def test_cli_humaneval_on_a_trained_run(trained_run):
   assert s['meta']['model']['step'] == 2 and s['meta']['model']['num_loops'] == 2
   if ROOT:
     assert s['isolation']['throwaway_uid'] is True
+  assert s['isolation']['missing'] == [] and s['isolation']['verdict'] == 'judge'
   # A second run finds every problem done and generates nothing new.
   mtime = os.path.getmtime(os.path.join(d, 'samples.jsonl'))
   _cli(f'--workdir={workdir}', '--suite=humaneval', '--limit=3', '--max_new_tokens=16',

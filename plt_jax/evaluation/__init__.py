@@ -1,6 +1,7 @@
 """Code-generation evaluation: HumanEval pass@k with sandboxed execution, held-out perplexity.
 
-  sandbox     runs untrusted programs (rlimits, throwaway uid, network/PID namespaces, timeout)
+  sandbox     runs untrusted programs (private filesystem view, throwaway uids, no capabilities,
+              rlimits, network/PID namespaces, timeout) and judges them from a separate process
   passk       the unbiased pass@k estimator
   humaneval   problems, stop sequences, generate -> execute -> score, resumable JSONL
   perplexity  bits per byte and token perplexity on held-out text

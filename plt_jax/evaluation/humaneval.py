@@ -9,7 +9,8 @@ chunks:
   1. generate a chunk of problems (samples per problem x prompts);
   2. truncate at the stop sequences;
   3. run every completion in the sandbox on a thread pool, overlapped with the next chunk's
-     generation;
+     generation: prompt + completion in one process, the prompt and the problem's tests in a
+     separate judge that calls it (`build_job`);
   4. append one JSON line per problem to `samples.jsonl`.
 Problems already in that file are skipped, so an interrupted run resumes where it stopped.
 `summary.json` gets pass@k and the counts at the end.
@@ -81,9 +82,20 @@ def truncate(completion: str, stop: Sequence[str] = STOP_SEQUENCES) -> str:
 
 
 def build_program(problem: dict, completion: str) -> str:
-  """prompt + completion + the problem's tests + the call of check on the entry point."""
+  """prompt + completion + the problem's tests + the call of check on the entry point (the
+  official harness's single program; `evaluate` runs the tests in a judge instead)."""
   return (problem['prompt'] + completion + '\n\n' + problem['test'] + '\n\n'
           + f'check({problem["entry_point"]})\n')
+
+
+def build_job(problem: dict, completion: str) -> tuple[str, sandbox.Judge]:
+  """(the candidate program: prompt + completion, the judge: prompt + tests).
+
+  The judge runs the trusted prompt itself (some define helpers the tests call, e.g. `poly`,
+  `encode_cyclic`), then `check`, whose every `candidate(...)` goes to the program."""
+  return (problem['prompt'] + completion,
+          sandbox.Judge(setup=problem['prompt'], test=problem['test'],
+                        entry_point=problem['entry_point']))
 
 
 # ---------------------------------------------------------------------------- generation
@@ -228,11 +240,18 @@ def summarize(problems: Sequence[dict], records: dict[str, dict],
   return out
 
 
-def _public_isolation(iso: dict) -> dict:
-  """The sandbox layers in force, without the (random, per program) uid itself."""
+def _public_isolation(iso: dict, limits: sandbox.Limits) -> dict:
+  """The sandbox layers in force and those missing, without the (random) uid itself."""
   out = {k: v for k, v in iso.items() if k not in ('uid', 'works', 'reason')}
   out['throwaway_uid'] = iso.get('uid') is not None
+  out['missing'] = sandbox.missing_layers(iso, limits)
   return out
+
+
+def _run_one(problem: dict, completion: str, limits: sandbox.Limits,
+             kwargs: dict) -> sandbox.ExecResult:
+  program, judge = build_job(problem, completion)
+  return sandbox.run_program(program, limits, judge=judge, **kwargs)
 
 
 @dataclasses.dataclass
@@ -281,7 +300,7 @@ def evaluate(problems: Sequence[dict], generate_fn: GenerateFn, *, out_dir: str,
     for prob, comps, futs in zip(chunk.problems, chunk.completions, chunk.futures):
       results = [fut.result() for fut in futs]
       if not isolation:
-        isolation.update(_public_isolation(results[0].isolation))
+        isolation.update(_public_isolation(results[0].isolation, limits))
       rec = dict(task_id=prob['task_id'], completions=comps,
                  results=[r.to_json() for r in results],
                  passed=sum(r.passed for r in results), n=len(results))
@@ -309,8 +328,8 @@ def evaluate(problems: Sequence[dict], generate_fn: GenerateFn, *, out_dir: str,
                              f'{len(prompts)} prompts')
           comps = [[truncate(raw[i * samples + s], stop) for s in range(samples)]
                    for i in range(len(chunk))]
-          futs = [[pool.submit(sandbox.run_program, build_program(p, c), limits, **kw)
-                   for c in cs] for p, cs in zip(chunk, comps)]
+          futs = [[pool.submit(_run_one, p, c, limits, kw) for c in cs]
+                  for p, cs in zip(chunk, comps)]
           if pending is not None:
             done, pending = pending, None
             finish(done, f)
@@ -325,7 +344,7 @@ def evaluate(problems: Sequence[dict], generate_fn: GenerateFn, *, out_dir: str,
       bar.close()
 
   if not isolation:  # nothing ran in this call (all resumed): probe once
-    isolation = _public_isolation(sandbox.describe_isolation(limits))
+    isolation = _public_isolation(sandbox.describe_isolation(limits, **kw), limits)
   problems_sha = hashlib.sha256(json.dumps(
       [[p['task_id'], p['prompt'], p['test'], p['entry_point']] for p in problems]).encode())
   summary = dict(suite='humaneval', **summarize(problems, records, ks),

@@ -78,8 +78,12 @@ def run_humaneval(model, tokenizer, info: dict, *, out_dir: str, samples: int = 
                   max_new_tokens: int = 384, limit: int = 0, batch_size: int = 16,
                   workers: int = 4, timeout: float = 10.0, memory_mb: int = 1024, nproc: int = 8,
                   seed: int = 0, ks=(1, 10, 100), overwrite: bool = False,
-                  progress: bool = True) -> dict[str, Any]:
-  from plt_jax.evaluation import humaneval, sandbox  # pylint: disable=g-import-not-at-top
+                  progress: bool = True, allow_weaker_isolation: bool = False,
+                  sandbox_kwargs: Optional[dict] = None) -> dict[str, Any]:
+  from plt_jax.evaluation import humaneval  # pylint: disable=g-import-not-at-top
+  limits = check_sandbox(timeout=timeout, memory_mb=memory_mb, nproc=nproc,
+                         allow_weaker_isolation=allow_weaker_isolation,
+                         sandbox_kwargs=sandbox_kwargs)
   if temperature is None:
     temperature = 0.0 if samples == 1 else 0.8
   if samples > 1 and temperature == 0:
@@ -93,13 +97,25 @@ def run_humaneval(model, tokenizer, info: dict, *, out_dir: str, samples: int = 
   generate_fn = humaneval.model_generate_fn(
       model, tokenizer, max_new_tokens=max_new_tokens, temperature=gen['temperature'],
       top_p=gen['top_p'], top_k=gen['top_k'], batch_size=batch_size, seed=seed)
-  limits = sandbox.Limits(timeout=float(timeout), memory_bytes=int(memory_mb) << 20,
-                          nproc=int(nproc))
   meta = dict(model=info, generation=gen, tokenizer_sha256=tokenizer.sha256)
   return humaneval.evaluate(problems, generate_fn, out_dir=out_dir, samples=samples,
                             batch_size=batch_size, limits=limits, workers=workers,
                             ks=[int(k) for k in ks], meta=meta, overwrite=overwrite,
-                            progress=progress)
+                            progress=progress, sandbox_kwargs=sandbox_kwargs)
+
+
+def check_sandbox(*, timeout: float = 10.0, memory_mb: int = 1024, nproc: int = 8,
+                  allow_weaker_isolation: bool = False,
+                  sandbox_kwargs: Optional[dict] = None):
+  """The HumanEval sandbox limits, once a probe program showed every isolation layer works.
+
+  A missing layer is a ValueError naming it and the flag that accepts weaker isolation."""
+  from plt_jax.evaluation import sandbox  # pylint: disable=g-import-not-at-top
+  limits = sandbox.Limits(timeout=float(timeout), memory_bytes=int(memory_mb) << 20,
+                          nproc=int(nproc))
+  sandbox.require_isolation(limits, allow_weaker=allow_weaker_isolation,
+                            flag='allow_weaker_isolation', **dict(sandbox_kwargs or {}))
+  return limits
 
 
 def run_perplexity(model, tokenizer, info: dict, *, out_path: str, config=None,
@@ -166,6 +182,10 @@ def run(suite: str, *, workdir: Optional[str] = None, hf_dir: Optional[str] = No
         files=(), seq_len: int = 0, eval_batches: int = -1, eval_batch_size: int = 0,
         **humaneval_kwargs) -> dict[str, Any]:
   """Loads the model and runs one suite; returns its summary (also written to disk)."""
+  if suite == 'humaneval':  # before the model loads: a sandbox that falls short fails fast
+    check_sandbox(**{k: humaneval_kwargs[k] for k in (
+        'timeout', 'memory_mb', 'nproc', 'allow_weaker_isolation', 'sandbox_kwargs')
+        if k in humaneval_kwargs})
   model, tokenizer, config, info = load_model(workdir, hf_dir, step, dtype)
   if config is None and workdir and not files:  # an HF model scored on a run's val split
     from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
