@@ -1,6 +1,9 @@
-"""R=1 loops. Presets: default (CPU), 125m, 1b, 7b; e.g. --config=configs/r1.py:125m."""
-from configs import base
+"""R=1 loops. Presets: default (CPU), 125m, 1b, 7b; e.g. --config=configs/r1.py:125m.
+
+The presets are documented in plt_jax/presets.py.
+"""
+from plt_jax import presets
 
 
 def get_config(arg=None):
-  return base.get_config(arg, num_loops=1)
+  return presets.r1(arg)

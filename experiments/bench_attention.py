@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from plt_jax import attention as attn_lib
-from kernels import cudnn as cudnn_lib
-from kernels import ops
-from kernels.common import KernelConfig, attention_flops
+from plt_jax.kernels import ops
+from plt_jax.kernels.common import KernelConfig, attention_flops
 
 
 def _ints(s: str):
@@ -73,12 +72,10 @@ def kernel_config(args):
   return KernelConfig(**{**base.__dict__, **kw})
 
 
-def implementations():
-  return {
-      'xla': (attn_lib.reference_causal, attn_lib.reference_gswa),
-      'cudnn': (cudnn_lib.causal, cudnn_lib.gswa),
-      'pallas': (ops.causal, ops.gswa),
-  }
+def implementations(config: KernelConfig):
+  """The attention interface's backends, each as (causal, gswa)."""
+  backends = {'xla': attn_lib.XLA(), 'cudnn': attn_lib.CuDNN(), 'pallas': attn_lib.Pallas(config)}
+  return {name: (b.causal, b.gswa) for name, b in backends.items()}
 
 
 def make_inputs(op, b, t, hq, hkv, d, dtype, seed=0):
@@ -128,50 +125,49 @@ def max_err(a, b):
 
 def run(args):
   dtype = jnp.dtype(args.dtype)
-  impls = implementations()
+  impls = implementations(kernel_config(args))
   wanted = [x for x in args.impls.split(',') if x]
   platform = jax.default_backend()
   records = []
-  with ops.defaults(config=kernel_config(args)):
-    for op in [x for x in args.ops.split(',') if x]:
-      for d in args.head_dims:
-        hq = max(1, args.width // d)
-        hkv = max(1, hq // args.groups)
-        for t in args.seq_lens:
-          b = max(1, args.tokens // t)
-          for w in (args.windows if op == 'gswa' else [None]):
-            inputs, cot = make_inputs(op, b, t, hq, hkv, d, dtype)
-            flops_f = attention_flops(b, hq, t, d, w, gswa=(op == 'gswa'))
-            results = {}
-            for name in wanted:
-              rec = dict(op=op, impl=name, T=t, W=w, D=d, B=b, Hq=hq, Hkv=hkv, dtype=args.dtype,
-                         platform=platform)
-              xla_gib = (2 if op == 'gswa' else 1) * 3 * b * hq * t * t * 4 / 2**30
-              if name == 'xla' and xla_gib > args.xla_max_gib:
-                rec['skipped'] = f'XLA reference needs ~{xla_gib:.0f} GiB of logits'
-                records.append(rec)
-                continue
-              try:
-                fn = impls[name][0 if op == 'causal' else 1]
-                t_f, t_fb, out, grads = bench_one(op, name, fn, inputs, cot, w, args.iters,
-                                                  args.warmup)
-              except Exception as e:  # pylint: disable=broad-except
-                rec['error'] = f'{type(e).__name__}: {str(e)[:300]}'
-                records.append(rec)
-                continue
-              t_b = t_fb - t_f if t_fb > t_f else float('nan')  # nan: timing noise
-              rec.update(fwd_ms=t_f * 1e3, bwd_ms=t_b * 1e3, fwd_bwd_ms=t_fb * 1e3,
-                         fwd_tflops=flops_f / t_f / 1e12, bwd_tflops=2.5 * flops_f / t_b / 1e12,
-                         fwd_bwd_tflops=3.5 * flops_f / t_fb / 1e12)
-              results[name] = (out, grads)
+  for op in [x for x in args.ops.split(',') if x]:
+    for d in args.head_dims:
+      hq = max(1, args.width // d)
+      hkv = max(1, hq // args.groups)
+      for t in args.seq_lens:
+        b = max(1, args.tokens // t)
+        for w in (args.windows if op == 'gswa' else [None]):
+          inputs, cot = make_inputs(op, b, t, hq, hkv, d, dtype)
+          flops_f = attention_flops(b, hq, t, d, w, gswa=(op == 'gswa'))
+          results = {}
+          for name in wanted:
+            rec = dict(op=op, impl=name, T=t, W=w, D=d, B=b, Hq=hq, Hkv=hkv, dtype=args.dtype,
+                       platform=platform)
+            xla_gib = (2 if op == 'gswa' else 1) * 3 * b * hq * t * t * 4 / 2**30
+            if name == 'xla' and xla_gib > args.xla_max_gib:
+              rec['skipped'] = f'XLA reference needs ~{xla_gib:.0f} GiB of logits'
               records.append(rec)
-            base = 'xla' if 'xla' in results else ('cudnn' if 'cudnn' in results else None)
-            for rec in records[-len(wanted):]:
-              if base and rec['impl'] in results and rec['impl'] != base:
-                out, grads = results[rec['impl']]
-                rec['max_err_out_vs_' + base] = max_err(out, results[base][0])
-                rec['max_err_grads_vs_' + base] = max_err(grads, results[base][1])
-            print_rows(records[-len(wanted):])
+              continue
+            try:
+              fn = impls[name][0 if op == 'causal' else 1]
+              t_f, t_fb, out, grads = bench_one(op, name, fn, inputs, cot, w, args.iters,
+                                                args.warmup)
+            except Exception as e:  # pylint: disable=broad-except
+              rec['error'] = f'{type(e).__name__}: {str(e)[:300]}'
+              records.append(rec)
+              continue
+            t_b = t_fb - t_f if t_fb > t_f else float('nan')  # nan: timing noise
+            rec.update(fwd_ms=t_f * 1e3, bwd_ms=t_b * 1e3, fwd_bwd_ms=t_fb * 1e3,
+                       fwd_tflops=flops_f / t_f / 1e12, bwd_tflops=2.5 * flops_f / t_b / 1e12,
+                       fwd_bwd_tflops=3.5 * flops_f / t_fb / 1e12)
+            results[name] = (out, grads)
+            records.append(rec)
+          base = 'xla' if 'xla' in results else ('cudnn' if 'cudnn' in results else None)
+          for rec in records[-len(wanted):]:
+            if base and rec['impl'] in results and rec['impl'] != base:
+              out, grads = results[rec['impl']]
+              rec['max_err_out_vs_' + base] = max_err(out, results[base][0])
+              rec['max_err_grads_vs_' + base] = max_err(grads, results[base][1])
+          print_rows(records[-len(wanted):])
   return records
 
 

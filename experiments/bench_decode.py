@@ -3,67 +3,26 @@
   python -m experiments.bench_decode --out bench_decode.json           # ~100M params, batch 1 and 8
   python -m experiments.bench_decode --small                           # a quick run on a tiny model
 
-Modes are LOOPMODE[_ROWMATMUL][+ATTENTION]: `plt` (the PLT step with row_matmul='auto' and
-attention='auto': on CPU its B*R rows go through each weight matrix with kernels/cpu_rows.py and
-each layer's cached attention through kernels/cpu_decode.py where they build; elsewhere one
-stacked XLA product and XLA attention), `plt_stacked+xla` (XLA only: one [B*R, D] product per
-matrix and XLA's attention ops, what an accelerator runs), `plt_stacked`, `plt_per_row`,
-`plt_kernel`, `plt+xla`, and `vanilla` (R sequential passes of B rows, 'auto' as well;
-`vanilla_stacked+xla` etc.). Mixing XLA's products with the CPU kernels (`plt_stacked`) is slower
-than either alone: the kernels' helper threads spin between calls, on the cores XLA's pool uses.
-A variant that resolves like another at some batch size is listed once. The `rows` and `attn`
-columns say how each configuration ran (decode.resolve_row_matmul / resolve_attention).
-Every configuration uses the same weights (drawn once; the vanilla model is
-the PLT model without its gates). Decode steps of all configurations are interleaved round by
-round, so load from other processes hits them alike, and each reported latency is the median over
-all measured steps after warm-up. One step = the jitted decode step (cache donated) + the argmax that feeds the next token.
-KV bytes are measured from the cache arrays and checked against plt.md's formula
-(`plt_jax.decode.kv_cache_bytes`); `step_temp_bytes` is XLA's scratch allocation for one step,
-which shows that the step does not copy the cache.
+The modes and how they are timed: plt_jax/decode_bench.py (below).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
-import time
-import zlib
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from plt_jax.config import ModelConfig
-from plt_jax.decode import (Decoder, cache_nbytes, kv_cache_bytes, resolve_attention,
-                            resolve_row_matmul)
-from plt_jax.model import PLT
-
-# About 101M parameters (75.5M in the 12 layers, 25.2M each in embedding and head): at batch 1 a
-# decode step streams ~300 MB of float32 weights for a few hundred MFLOP, so it is memory-bound.
-BENCH_MODEL = dict(vocab_size=16384, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4,
-                   ffn_dim=2048, max_seq_len=4096, window_size=65)
-SMALL_MODEL = dict(vocab_size=512, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                   ffn_dim=384, max_seq_len=512, window_size=17)
-
-TARGETS = {  # at batch 1 (issue 4)
-    'plt_R2/plt_R1': 1.25,
-    'plt_R4/plt_R1': 1.6,
-    'plt_R2/vanilla_R2': 0.65,
-}
+from plt_jax import decode_bench
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, epilog=decode_bench.__doc__,
+                              formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--small', action='store_true', help='tiny model and few steps (smoke test)')
   p.add_argument('--loops', default='1,2,3,4', help='R values')
   p.add_argument('--modes', default='plt,plt_stacked+xla,vanilla',
                  help="LOOPMODE[_ROWMATMUL][+ATTENTION]: plt, plt_stacked, plt_per_row, "
-                      "plt_kernel, plt+xla, vanilla, vanilla_stacked, vanilla+xla; a variant "
-                      "resolving like another is run once")
+                      "plt_kernel, plt+xla, plt+cpu, vanilla, vanilla_stacked, vanilla+xla; a "
+                      "variant resolving like another is run once")
   p.add_argument('--batch_sizes', default='1,8')
   p.add_argument('--prompt_len', type=int, default=64)
   p.add_argument('--warmup', type=int, default=4, help='decode steps before measuring')
@@ -92,248 +51,9 @@ def parse_args(argv=None):
   return args
 
 
-def _param(name: str, shape, seed: int) -> np.ndarray:
-  rng = np.random.default_rng(zlib.crc32(f'{seed}:{name}'.encode()))
-  if 'layernorm' in name or 'norm.weight' in name or "['norm']" in name or 'gate_norm' in name:
-    return np.ones(shape, np.float32)
-  if 'plt_gate' in name:  # trained gates are not at their zero init; any values cost the same
-    return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-  return (0.02 * rng.standard_normal(shape)).astype(np.float32)
-
-
-class Weights:
-  """One set of weights, shared (the same device arrays) by every model configuration."""
-
-  def __init__(self, seed: int):
-    self.seed, self.arrays = seed, {}
-
-  def model(self, cfg: ModelConfig) -> PLT:
-    model = nnx.eval_shape(lambda: PLT(cfg, nnx.Rngs(0)))
-    flat, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(model))
-    leaves = []
-    for path, leaf in flat:
-      name = jax.tree_util.keystr(path)
-      key = (name, tuple(leaf.shape))
-      if key not in self.arrays:
-        self.arrays[key] = jnp.asarray(_param(name, leaf.shape, self.seed))
-      leaves.append(self.arrays[key])
-    nnx.update(model, jax.tree.unflatten(treedef, leaves))
-    return model
-
-
-@jax.jit
-def _argmax(logits):
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-
-class Run:
-  """One (mode, R, batch) configuration: its decoder, live cache and measurements."""
-
-  def __init__(self, weights: Weights, base: ModelConfig, mode: str, loops: int, batch: int,
-               args, max_len: int):
-    self.mode, self.loops, self.batch = mode, loops, batch
-    mode_rows, _, attention = mode.partition('+')
-    loop_mode, _, row_matmul = mode_rows.partition('_')
-    self.cfg = base.replace(loop_mode=loop_mode, num_loops=loops)
-    self.model = weights.model(self.cfg)
-    self.decoder = Decoder(self.model, max_len, row_matmul=row_matmul or 'auto',
-                           attention=attention or 'auto', compiler_options=(
-                               {'xla_backend_optimization_level': 0} if args.small else None))
-    rows = batch * loops if loop_mode == 'plt' else batch
-    self.row_matmul = resolve_row_matmul(row_matmul or 'auto', rows, self.cfg.dtype)
-    self.attention = resolve_attention(attention or 'auto', self.cfg.dtype)
-    rng = np.random.default_rng(args.seed + batch)
-    self.prompts = [list(rng.integers(3, self.cfg.vocab_size, args.prompt_len))
-                    for _ in range(batch)]
-    self.step_times: list[float] = []
-    self.result: dict = {'mode': mode, 'R': loops, 'batch': batch, 'row_matmul': self.row_matmul,
-                         'attention': self.attention}
-
-  @property
-  def name(self) -> str:
-    return f'{self.mode}_R{self.loops}'
-
-  def prefill(self, reps: int):
-    t0 = time.perf_counter()
-    logits, cache = self.decoder.prefill(self.prompts)
-    jax.block_until_ready(logits)
-    self.result['prefill_compile_s'] = time.perf_counter() - t0
-    times = []
-    for _ in range(reps):
-      del cache
-      t0 = time.perf_counter()
-      logits, cache = self.decoder.prefill(self.prompts)
-      jax.block_until_ready((logits, cache))
-      times.append(time.perf_counter() - t0)
-    self.result['prefill_s'] = statistics.median(times)
-    self.cache, self.tok = cache, _argmax(logits)
-    measured = cache_nbytes(cache)
-    analytic = kv_cache_bytes(self.cfg, self.batch, self.decoder.max_len)
-    if measured != analytic:
-      raise AssertionError(f'{self.name}: cache bytes {measured} != plt.md formula {analytic}')
-    self.result.update(kv_bytes=measured['kv_total'], kv_bytes_formula=analytic['kv_total'],
-                       kv_breakdown={k: measured[k] for k in ('kv_full', 'kv_window', 'hidden')})
-    # Compile the step ahead of time once, and step with that executable (cache still donated).
-    t0 = time.perf_counter()
-    self.step_fn = self.decoder.compile_step(self.cache, self.tok)
-    self.result['step_compile_s'] = time.perf_counter() - t0
-    stats = self.step_fn.memory_analysis()
-    if stats is not None:
-      self.result['step_temp_bytes'] = int(stats.temp_size_in_bytes)
-      self.result['step_alias_bytes'] = int(stats.alias_size_in_bytes)
-
-  def steps(self, n: int, record: bool):
-    for _ in range(n):
-      t0 = time.perf_counter()
-      logits, self.cache = self.step_fn(self.decoder.state, self.cache, self.tok)
-      self.tok = _argmax(logits)
-      self.tok.block_until_ready()
-      if record:
-        self.step_times.append(time.perf_counter() - t0)
-
-  def finish(self):
-    t = np.asarray(self.step_times)
-    self.result.update(step_ms=float(np.median(t) * 1e3),
-                       step_p10_ms=float(np.percentile(t, 10) * 1e3),
-                       step_p90_ms=float(np.percentile(t, 90) * 1e3), steps_measured=len(t),
-                       tokens_per_s=float(self.batch / np.median(t)))
-    del self.cache
-    return self.result
-
-
-def torch_baseline(weights: 'Weights', base: ModelConfig, args, batch: int) -> dict:
-  """PyTorch generate() on the same weights: the exported PLT R=2 file, and transformers' own
-  LlamaForCausalLM on the R=1 export (what a PLT decode step should cost about as much as)."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  from plt_jax import hf  # pylint: disable=g-import-not-at-top
-  from plt_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-
-  rng = np.random.default_rng(args.seed)
-  prompts = rng.integers(3, base.vocab_size, (batch, args.prompt_len)).tolist()
-  out = {'batch': batch, 'torch_threads': args.torch_threads}
-  with tempfile.TemporaryDirectory() as d:
-    tok = tok_lib.build_tokenizer('byte', workdir=d)
-    models = {}
-    for key, loops, model_class in (('llama_R1', 1, 'llama'), ('plt_R2', 2, 'auto')):
-      models[key] = (hf.export_model(weights.model(base.replace(num_loops=loops)), tok,
-                                     os.path.join(d, key), dtype=args.dtype), model_class)
-    timed = hf.torch_generate_timings(models, prompts, args.steps + 1,
-                                             repeats=args.torch_repeats,
-                                             threads=args.torch_threads)
-  for key, t in timed.items():
-    out[f'torch_{key}_step_ms'] = 1e3 * t['decode_s_per_token']
-    out[f'torch_{key}_prefill_s'] = t['prefill_s']
-    out['transformers'] = t['transformers']
-  out['torch_plt_R2/torch_llama_R1'] = out['torch_plt_R2_step_ms'] / out['torch_llama_R1_step_ms']
-  return out
-
-
-def _fmt_bytes(n: int) -> str:
-  for unit in ('B', 'KiB', 'MiB', 'GiB'):
-    if n < 1024 or unit == 'GiB':
-      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.2f} {unit}'
-    n /= 1024
-  return str(n)
-
-
-def run(args) -> dict:
-  base = ModelConfig(**(SMALL_MODEL if args.small else BENCH_MODEL), dtype=args.dtype,
-                     gate_mode=args.gate_mode)
-  loops = [int(x) for x in args.loops.split(',')]
-  modes = args.modes.split(',')
-  batches = [int(x) for x in args.batch_sizes.split(',')]
-  max_len = args.prompt_len + args.warmup + args.rounds * args.steps + 1
-  weights = Weights(args.seed)
-  out = {
-      'device': str(jax.devices()[0]), 'backend': jax.default_backend(),
-      'jax': jax.__version__, 'python': platform.python_version(),
-      'model': base.to_dict(), 'params_R1': int(base.replace(num_loops=1).param_count()),
-      'args': vars(args), 'max_len': max_len, 'results': [], 'ratios': {}, 'targets': {},
-  }
-  print(f'model: {out["params_R1"] / 1e6:.1f}M parameters (R=1), d={base.d_model}, '
-        f'L={base.num_layers}, W={base.window_size}, {args.dtype}; prompt {args.prompt_len}, '
-        f'cache {max_len} slots; device {out["device"]}', flush=True)
-  for batch in batches:
-    runs, seen = [], set()
-    for m in modes:
-      for r in loops:
-        run_ = Run(weights, base, m, r, batch, args, max_len)
-        same = (run_.cfg.loop_mode, r, run_.row_matmul, run_.attention)
-        if same not in seen:
-          seen.add(same)
-          runs.append(run_)
-    for r in runs:
-      r.prefill(args.prefill_reps)
-      r.steps(args.warmup, record=False)
-      print(f'  batch {batch} {r.name}: prefill {r.result["prefill_s"]:.3f}s', flush=True)
-    for i in range(args.rounds):  # interleaved, and the starting config rotates
-      for r in runs[i % len(runs):] + runs[:i % len(runs)]:
-        r.steps(args.steps, record=True)
-    by_name = {r.name: r.finish() for r in runs}
-    out['results'].extend(by_name.values())
-    ratios = {}
-    pairs = [('vanilla_R2', 'vanilla_R1'), ('vanilla_R4', 'vanilla_R1')]
-    for p in (m for m in modes if m.startswith('plt')):
-      pairs += [(f'{p}_R{r}', 'plt_R1') for r in (2, 3, 4)]
-      pairs += [(f'{p}_R{r}', f'vanilla_R{r}') for r in (2, 3, 4)]
-    for a, b in pairs:
-      if a in by_name and b in by_name:
-        ratios[f'{a}/{b}'] = by_name[a]['step_ms'] / by_name[b]['step_ms']
-    out['ratios'][f'batch{batch}'] = ratios
-    if args.torch_baseline and 'plt_R2' in by_name:
-      tb = torch_baseline(weights, base, args, batch)
-      for name in ('plt_R1', 'plt_R2'):
-        if name in by_name:
-          tb[f'jax_{name}_step_ms'] = by_name[name]['step_ms']
-      out.setdefault('torch_baseline', []).append(tb)
-    if batch == 1:
-      out['targets'] = {k: {'ratio': ratios[k], 'target': v, 'met': ratios[k] <= v}
-                        for k, v in TARGETS.items() if k in ratios}
-    del runs
-  print_table(out)
-  return out
-
-
-def print_table(out: dict) -> None:
-  hdr = (f'{"batch":>5} {"mode":>15} {"rows":>7} {"attn":>6} {"R":>2} {"step ms":>9} '
-         f'{"p10-p90 ms":>15} '
-         f'{"tok/s":>8} {"prefill s":>9} {"KV bytes":>11} {"= formula":>9} {"step temp":>10}')
-  print('\n' + hdr + '\n' + '-' * len(hdr))
-  for r in out['results']:
-    print(f'{r["batch"]:>5} {r["mode"]:>15} {r["row_matmul"]:>7} {r["attention"]:>6} {r["R"]:>2} '
-          f'{r["step_ms"]:>9.2f} '
-          f'{r["step_p10_ms"]:>7.2f}-{r["step_p90_ms"]:<7.2f} {r["tokens_per_s"]:>8.1f} '
-          f'{r["prefill_s"]:>9.3f} {_fmt_bytes(r["kv_bytes"]):>11} '
-          f'{str(r["kv_bytes"] == r["kv_bytes_formula"]):>9} '
-          f'{_fmt_bytes(r.get("step_temp_bytes", 0)):>10}')
-  for batch, ratios in out['ratios'].items():
-    print(f'\n{batch} latency ratios: ' + ', '.join(f'{k} {v:.2f}' for k, v in ratios.items()))
-  for tb in out.get('torch_baseline', []):
-    rows = [('PyTorch, transformers LlamaForCausalLM, R=1', tb['torch_llama_R1_step_ms']),
-            ('PyTorch, exported PLT file, R=2', tb['torch_plt_R2_step_ms'])]
-    rows += [(f'plt_jax, PLT R={n[-1]}', tb[f'jax_{n}_step_ms']) for n in ('plt_R1', 'plt_R2')
-             if f'jax_{n}_step_ms' in tb]
-    print(f"\nbatch {tb['batch']}, decode ms/token (torch {tb['torch_threads']} thread(s), "
-          f"transformers {tb['transformers']}):")
-    for label, ms in rows:
-      print(f'  {label:<46} {ms:8.2f}')
-    print(f"  exported PLT R=2 / HF Llama R=1 = {tb['torch_plt_R2/torch_llama_R1']:.2f}")
-  if out['targets']:
-    print('targets at batch 1: ' + ', '.join(
-        f'{k} {t["ratio"]:.2f} <= {t["target"]} {"met" if t["met"] else "MISSED"}'
-        for k, t in out['targets'].items()))
-
-
-def write_json(out: dict, path) -> None:
-  if path:
-    with open(path, 'w') as f:
-      json.dump(out, f, indent=2)
-    print(f'wrote {path}')
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
-  write_json(run(args), args.out)
+  decode_bench.write_json(decode_bench.run(args), args.out)
   return 0
 
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from typing import Any, Optional
 
 from absl import app, flags
 
 from plt_jax.evaluation.runner import format_summary, run
-from experiments.common import quiet_library_logs
+from experiments.common import fail, quiet_library_logs
 
 
 _SUITE = flags.DEFINE_enum('suite', 'humaneval', ['humaneval', 'perplexity'], 'What to evaluate.')
@@ -82,8 +81,7 @@ def main(argv):
                   seq_len=_SEQ_LEN.value, eval_batches=_EVAL_BATCHES.value,
                   eval_batch_size=_EVAL_BATCH_SIZE.value, **kwargs)
   except (ValueError, FileNotFoundError) as e:
-    print(f'evaluate: error: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    fail('evaluate', str(e))
   print(format_summary(summary), flush=True)
 
 

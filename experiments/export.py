@@ -7,11 +7,9 @@ Only parses flags and calls `plt_jax.hf.export_workdir`. The directory then load
 `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` (R = 1 exports also as a plain
 `LlamaForCausalLM`) and with `plt_jax.hf.load_hf_checkpoint(out)`.
 """
-import sys
-
 from absl import app
 from absl import flags
-from experiments.common import quiet_library_logs
+from experiments.common import fail, quiet_library_logs
 
 flags.DEFINE_string('workdir', None, 'Training work dir (holds config.json, checkpoints/, tokenizer/).')
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest complete one).')
@@ -35,8 +33,7 @@ def main(argv):
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     if FLAGS.traceback:
       raise
-    print(f'export: error: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    fail('export', str(e))
   print(f'exported {FLAGS.workdir} to {out}')
 
 

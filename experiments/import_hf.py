@@ -7,17 +7,15 @@ RUN/tokenizer/ (when DIR has a tokenizer.json) and RUN/checkpoints/0 in the trai
 (parameters plus a fresh optimizer state). `plt_jax.checkpoint.load_for_inference(RUN)`, the
 generate CLI and `experiments.export` read it like any training run.
 """
-import sys
-
 from absl import app
 from absl import flags
 
 from plt_jax.hf.importer import import_as_workdir
-from experiments.common import quiet_library_logs
+from experiments.common import fail, quiet_library_logs
 
 flags.DEFINE_string('hf_dir', None, 'Hugging Face model directory (config.json + safetensors).')
 flags.DEFINE_string('workdir', None, 'Work dir to create (must not hold a run).')
-flags.DEFINE_string('preset', 'default', 'configs/base.py preset for the non-model sections.')
+flags.DEFINE_string('preset', 'default', 'plt_jax.presets preset for the non-model sections.')
 flags.DEFINE_enum('dtype', None, ['f32', 'bf16'],
                   "Compute dtype of the model (default: the preset's).")
 flags.DEFINE_bool('traceback', False, 'Show the full traceback of errors.')
@@ -34,8 +32,7 @@ def main(argv):
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     if FLAGS.traceback:
       raise
-    print(f'import_hf: error: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    fail('import_hf', str(e))
   print(f'imported {FLAGS.hf_dir} into {out}')
 
 

@@ -6,16 +6,14 @@ command on every host; `jax.distributed.initialize()` is called when the environ
 Open MPI, Cloud TPU, JAX_COORDINATOR_ADDRESS) or the flags below describe several processes.
 """
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
-from experiments.common import quiet_library_logs
+from experiments.common import define_config_file, fail, quiet_library_logs, run
 
-config_flags.DEFINE_config_file('config', None, 'Experiment config, e.g. configs/r2.py[:preset].',
-                                lock_config=True)
+define_config_file('pretrain', 'config', None, 'Experiment config, e.g. configs/r2.py[:preset].',
+                   lock_config=True)
 flags.DEFINE_string('workdir', None, 'Output/resume directory (default: runs/r<R>-<preset>).')
 flags.DEFINE_enum('multihost', 'auto', ['auto', 'on', 'off'],
                   'Call jax.distributed.initialize(): auto = when several processes are detected.')
@@ -47,10 +45,8 @@ def main(argv):
     if FLAGS.traceback:
       raise
     # Bad configs and bad data are user errors: one clear line, no traceback.
-    print(f'pretrain: error: {e}\n(--traceback shows where it was raised)', file=sys.stderr,
-          flush=True)
-    sys.exit(1)
+    fail('pretrain', f'{e}\n(--traceback shows where it was raised)')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main, 'pretrain')

@@ -4,14 +4,13 @@ Trains every variant of config.sweep.variants under identical data/seed/budget, 
 diagnoses and decode-benchmarks each; writes DIR/sweep.md, sweep.json and plots. Rerunning with
 the same --workdir resumes without redoing finished variants.
 """
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from plt_jax import sweep
-from experiments.common import quiet_library_logs
+from experiments.common import define_config_file, quiet_library_logs, run
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/sweep.py', 'Sweep config file.',
-                                          lock_config=True)
+_CONFIG = define_config_file('sweep', 'config', 'configs/sweep.py', 'Sweep config file.',
+                             lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/sweep', 'Root dir; one sub-dir per variant.')
 
 
@@ -22,4 +21,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(main, 'sweep')

@@ -1,22 +1,12 @@
-"""Pallas kernels behind plt_jax.attention (registered on import).
+"""Kernels behind `plt_jax.attention`, installed as `plt_jax.kernels`.
 
-  'pallas': fused G-SWA + causal flash attention (kernels/ops.py): Pallas-Triton on GPU,
-            Pallas-Mosaic (splash style) on TPU, Pallas interpret mode elsewhere (tests only).
-  'cudnn':  jax.nn.dot_product_attention(implementation='cudnn') per branch + XLA gating
-            (the baseline; XLA implementation off GPU).
+A leaf of the library: these modules import JAX, NumPy and each other, never the rest of
+plt_jax, and importing this package loads nothing. `plt_jax.attention` chooses among them.
+
+  ops.py         fused G-SWA + causal flash attention in Pallas: Triton on GPU, Mosaic on TPU,
+                 interpret mode elsewhere (tests only)
+  cudnn.py       jax.nn.dot_product_attention per branch (the cuDNN baseline on GPU)
+  cpu_decode.py  one layer's cached decode attention on CPU (C++ via the XLA FFI)
+  cpu_rows.py    few-row matrix products on CPU (the decode step's projections)
+  masks.py       the visibility rule they all share
 """
-from plt_jax import attention as _attention
-
-
-def _pallas_impl() -> '_attention.AttentionImpl':
-  from kernels import ops  # pylint: disable=import-outside-toplevel
-  return _attention.AttentionImpl('pallas', ops.causal, ops.gswa)
-
-
-def _cudnn_impl() -> '_attention.AttentionImpl':
-  from kernels import cudnn  # pylint: disable=import-outside-toplevel
-  return _attention.AttentionImpl('cudnn', cudnn.causal, cudnn.gswa)
-
-
-_attention.register('pallas', _pallas_impl)
-_attention.register('cudnn', _cudnn_impl)

@@ -1,7 +1,6 @@
 """Block geometry and masking shared by the Triton-style and TPU-style kernels.
 
-Conventions (both kernels): query row i sits at key index i; a key j is visible to query i when
-j <= i, i - j < window (when the branch is windowed) and the segment ids match (when given).
+Conventions (both kernels): query row i sits at key index i; visibility is `masks.visible`.
 Sequences are padded at the end to a multiple of every block size; padded keys sit after every real
 query, so causality alone keeps them invisible to real rows, and every row (padded or not) always
 sees itself, so no row is ever empty.
@@ -18,6 +17,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 
 # A finite "minus infinity": masked logits never produce inf - inf = NaN.
 NEG_INF = -1e30
@@ -105,14 +105,6 @@ def q_block_bounds(k0, bq: int, bk: int, window: Optional[int], nq: int):
   return a, b, c, d
 
 
-def visible_mask(q_pos, k_pos, window: Optional[int], q_seg=None, k_seg=None):
-  """Boolean mask from broadcastable position (and segment) arrays."""
-  mask = k_pos <= q_pos
-  if window is not None:
-    mask = mask & (q_pos - k_pos < window)
-  if q_seg is not None:
-    mask = mask & (q_seg == k_seg)
-  return mask
 
 
 def pad_seq(x, length: int, value=0):

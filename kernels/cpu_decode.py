@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import cpu_ffi
+from . import cpu_ffi
 
 Array = jax.Array
 

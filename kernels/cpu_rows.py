@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels import cpu_ffi
-from kernels.cpu_ffi import available, build, library_path  # noqa: F401  (re-exported)
+from . import cpu_ffi
+from .cpu_ffi import available, build, library_path  # noqa: F401  (re-exported)
 
 TARGET = 'plt_rows_matmul'
 MAX_ROWS = 8          # rows per kernel call (its accumulators are templated up to this)

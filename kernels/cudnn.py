@@ -13,12 +13,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from plt_jax.attention import mix
-
-
 def _implementation() -> str:
   return 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
-
 
 def causal(q, k, v, segment_ids=None, *, window: Optional[int] = None):
   mask = None
@@ -29,8 +25,8 @@ def causal(q, k, v, segment_ids=None, *, window: Optional[int] = None):
       local_window_size=None if window is None else (window - 1, 0),
       implementation=_implementation())
 
-
 def gswa(q, k_glob, v_glob, k_loc, v_loc, gate, segment_ids=None, *, window: int):
-  y_glob = causal(q, k_glob, v_glob, segment_ids)
-  y_loc = causal(q, k_loc, v_loc, segment_ids, window=window)
-  return mix(gate, y_glob, y_loc)
+  y_glob = causal(q, k_glob, v_glob, segment_ids).astype(jnp.float32)
+  y_loc = causal(q, k_loc, v_loc, segment_ids, window=window).astype(jnp.float32)
+  g = gate[..., None].astype(jnp.float32)
+  return (g * y_glob + (1.0 - g) * y_loc).astype(q.dtype)

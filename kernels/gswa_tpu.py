@@ -31,8 +31,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.common import (BIG_LSE, NEG_INF, KernelConfig, kv_block_bounds, q_block_bounds,
-                            visible_mask)
+from .common import BIG_LSE, NEG_INF, KernelConfig, kv_block_bounds, q_block_bounds
+from .masks import visible
 
 f32 = jnp.float32
 LANES = 128
@@ -102,8 +102,8 @@ def _block_mask(q0, k0, bq, bk, window, qseg_ref, kseg_ref):
   q_pos = q0 + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   k_pos = k0 + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
   if qseg_ref is None:
-    return visible_mask(q_pos, k_pos, window)
-  return visible_mask(q_pos, k_pos, window, qseg_ref[...], kseg_ref[...])
+    return visible(q_pos, k_pos, window)
+  return visible(q_pos, k_pos, window, qseg_ref[...], kseg_ref[...])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from kernels.common import (BIG_LSE, NEG_INF, KernelConfig, kv_block_bounds, q_block_bounds,
-                            visible_mask)
+from .common import BIG_LSE, NEG_INF, KernelConfig, kv_block_bounds, q_block_bounds
+from .masks import visible
 
 f32 = jnp.float32
 MIN_BLOCK = 16  # tl.dot needs every matmul dimension >= 16.
@@ -78,7 +78,7 @@ def _fwd_kernel(*refs, windows, bq, bk, scale, has_seg, save, debug):
       if masked:
         k_pos = (k0 + jnp.arange(bk, dtype=jnp.int32))[None, :]
         k_seg = kseg_ref[pl.ds(k0, bk)][None, :] if has_seg else None
-        mask = visible_mask(q_pos, k_pos, window, q_seg, k_seg)
+        mask = visible(q_pos, k_pos, window, q_seg, k_seg)
         s = jnp.where(mask, s, NEG_INF)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       alpha = jnp.exp(m - m_new)
@@ -208,7 +208,7 @@ def _dq_kernel(*refs, windows, bq, bk, scale, has_seg):
       if masked:
         k_pos = (k0 + jnp.arange(bk, dtype=jnp.int32))[None, :]
         k_seg = kseg_ref[pl.ds(k0, bk)][None, :] if has_seg else None
-        p = jnp.where(visible_mask(q_pos, k_pos, window, q_seg, k_seg), p, 0.0)
+        p = jnp.where(visible(q_pos, k_pos, window, q_seg, k_seg), p, 0.0)
       dp = jnp.dot(do, v.T, preferred_element_type=f32)
       ds = p * (dp - delta)
       return acc + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=f32)
@@ -258,7 +258,7 @@ def _dkv_kernel(*refs, windows, bq, bk, nq, grp, scale, has_seg):
       if masked:
         q_pos = (q0 + jnp.arange(bq, dtype=jnp.int32))[:, None]
         q_seg = qseg_ref[pl.ds(q0, bq)][:, None] if has_seg else None
-        p = jnp.where(visible_mask(q_pos, k_pos, window, q_seg, k_seg), p, 0.0)
+        p = jnp.where(visible(q_pos, k_pos, window, q_seg, k_seg), p, 0.0)
       if nb == 2:
         g = gate_ref[pl.ds(q0, bq), h].astype(f32)[:, None]
         p = p * (g if br == 0 else 1.0 - g)

@@ -12,12 +12,12 @@ The gate gradient. The interface receives g after the sigmoid, so this op return
 d g = rowsum(dO * (O_glob - O_loc)) per (token, head); the model differentiates through the sigmoid.
 Both branch outputs are kept as residuals (in the input dtype), with each branch's log-sum-exp.
 
-On a mesh (inside `plt_jax.sharding.activation_sharding`, i.e. the sharded training step) the
-kernels run per shard through shard_map, split over batch and heads, never gathering operands.
+`shard=(mesh, batch_axes, head_axes)`: run per shard through shard_map, split over batch and heads
+(a head split must keep each query head with its kv head), so operands are never gathered. The
+caller (`plt_jax.attention`) derives it from the model's sharding rules.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Optional
@@ -26,50 +26,25 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from kernels.common import KernelConfig, pad_seq
+from .common import KernelConfig, pad_seq
 
 
 def _backend_module(name: str):
   if name == 'triton':
-    from kernels import gswa_triton  # pylint: disable=import-outside-toplevel
+    from . import gswa_triton  # pylint: disable=import-outside-toplevel
     return gswa_triton
   if name == 'tpu':
-    from kernels import gswa_tpu  # pylint: disable=import-outside-toplevel
+    from . import gswa_tpu  # pylint: disable=import-outside-toplevel
     return gswa_tpu
   raise ValueError(f'unknown Pallas backend {name!r}; expected "triton" or "tpu"')
 
 
-# Process-wide defaults for calls that pass None (the model's attention interface always does).
-_DEFAULTS = {'backend': None, 'config': None, 'interpret': None}
-
-
-@contextlib.contextmanager
-def defaults(**kw):
-  """Temporarily sets the default backend / config / interpret flag (while tracing):
-
-      with ops.defaults(config=KernelConfig(8, 8, 8, 8)):
-        loss = jax.jit(loss_fn)(...)
-  """
-  unknown = set(kw) - set(_DEFAULTS)
-  if unknown:
-    raise ValueError(f'unknown defaults {sorted(unknown)}; known: {sorted(_DEFAULTS)}')
-  old = dict(_DEFAULTS)
-  _DEFAULTS.update(kw)
-  try:
-    yield
-  finally:
-    _DEFAULTS.update(old)
-
-
 def default_backend() -> str:
-  if _DEFAULTS['backend'] is not None:
-    return _DEFAULTS['backend']
+  """'tpu' on TPU, else 'triton' (GPU; interpret mode on CPU)."""
   return 'tpu' if jax.default_backend() == 'tpu' else 'triton'
 
 
 def default_interpret() -> bool:
-  if _DEFAULTS['interpret'] is not None:
-    return _DEFAULTS['interpret']
   return jax.default_backend() not in ('gpu', 'tpu')
 
 
@@ -112,29 +87,8 @@ def _attention_bwd(st: _Static, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _mesh_specs(q, k):
-  """(mesh, batch axes, head axes) when the model's activation sharding is active, else None.
-
-  Under `plt_jax.sharding.activation_sharding` (training on a mesh) the kernels run per shard via
-  shard_map, split over batch (data x fsdp) and heads (tensor); otherwise XLA would gather the
-  operands of the opaque kernel call. Heads are split only when query and kv heads split alike,
-  which keeps every query head with its kv head.
-  """
-  from plt_jax import sharding as sh  # pylint: disable=import-outside-toplevel
-  active = sh.active()
-  if active is None:
-    return None
-  mesh, rules = active
-  b_ax = sh.logical_to_spec(('batch',), rules, q.shape[:1], mesh)[0]
-  hq_ax = sh.logical_to_spec(('act_heads',), rules, q.shape[2:3], mesh)[0]
-  hk_ax = sh.logical_to_spec(('act_kv_heads',), rules, k.shape[2:3], mesh)[0]
-  h_ax = hq_ax if hq_ax == hk_ax else None
-  if b_ax is None and h_ax is None:
-    return None
-  return mesh, b_ax, h_ax
-
-
-def _run(q, ks, vs, gate, segment_ids, windows, backend, config, interpret, debug=False):
+def _run(q, ks, vs, gate, segment_ids, windows, backend, config, interpret, shard=None,
+         debug=False):
   b, s, hq, d = q.shape
   t = ks[0].shape[1]
   if s != t:
@@ -144,7 +98,7 @@ def _run(q, ks, vs, gate, segment_ids, windows, backend, config, interpret, debu
   backend = backend or default_backend()
   interpret = default_interpret() if interpret is None else interpret
   mod = _backend_module(backend)
-  cfg = (config or _DEFAULTS['config'] or mod.DEFAULT_CONFIG).fit(t, mod.MIN_BLOCK)
+  cfg = (config or mod.DEFAULT_CONFIG).fit(t, mod.MIN_BLOCK)
   tp = cfg.padded_len(t)
   st = _Static(backend, tuple(windows), cfg, bool(interpret))
   gate = None if gate is None else gate.astype(jnp.float32)
@@ -162,10 +116,9 @@ def _run(q, ks, vs, gate, segment_ids, windows, backend, config, interpret, debu
       return out[:, :s], counts
     return _attention(st, qp, ksp, vsp, gp, segp)[:, :s]
 
-  sharded = None if debug else _mesh_specs(q, ks[0])
-  if sharded is None:
+  if shard is None or debug:
     return local(q, ks, vs, gate, segment_ids)
-  mesh, b_ax, h_ax = sharded
+  mesh, b_ax, h_ax = shard
   heads = P(b_ax, None, h_ax, None)
   specs = (heads, tuple(heads for _ in ks), tuple(heads for _ in vs),
            None if gate is None else P(b_ax, None, h_ax),
@@ -175,18 +128,18 @@ def _run(q, ks, vs, gate, segment_ids, windows, backend, config, interpret, debu
 
 
 def causal(q, k, v, segment_ids=None, *, window: Optional[int] = None, backend=None, config=None,
-           interpret=None):
+           interpret=None, shard=None):
   """Causal (optionally sliding-window) flash attention; drop-in for `reference_causal`."""
-  return _run(q, (k,), (v,), None, segment_ids, (window,), backend, config, interpret)
+  return _run(q, (k,), (v,), None, segment_ids, (window,), backend, config, interpret, shard)
 
 
 def gswa(q, k_glob, v_glob, k_loc, v_loc, gate, segment_ids=None, *, window: int, backend=None,
-         config=None, interpret=None):
+         config=None, interpret=None, shard=None):
   """Fused gated shared-KV sliding-window attention; drop-in for `reference_gswa`."""
   if window is None or window < 1:
     raise ValueError(f'gswa needs a window >= 1, got {window!r}')
   return _run(q, (k_glob, k_loc), (v_glob, v_loc), gate, segment_ids, (None, window), backend,
-              config, interpret)
+              config, interpret, shard)
 
 
 def gswa_debug_counts(q, k_glob, v_glob, k_loc, v_loc, gate, segment_ids=None, *, window: int,

@@ -1,6 +1,17 @@
-"""plt_jax: Parallel Loop Transformers in JAX/Flax NNX."""
+"""plt_jax: Parallel Loop Transformers in JAX/Flax NNX.
+
+`plt_jax.presets` (the experiment configs) is imported on first use: it pulls in the data
+pipeline, which a model-only user does not need.
+"""
 from plt_jax.config import ModelConfig, PRESETS
 from plt_jax.model import PLT
 
 __all__ = ['ModelConfig', 'PRESETS', 'PLT']
 __version__ = '0.1.0'
+
+
+def __getattr__(name):
+  if name == 'presets':
+    import importlib  # pylint: disable=import-outside-toplevel
+    return importlib.import_module('plt_jax.presets')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,7 +1,8 @@
 """Model configuration: one frozen dataclass, validated before anything is traced.
 
-The ml_collections files in `configs/` hold experiment settings; `ModelConfig.from_dict`
-turns their `model` section into this typed, checked object that the model consumes.
+The experiment presets (`plt_jax.presets`, which the `configs/` files call) hold experiment
+settings; `ModelConfig.from_dict` turns their `model` section into this typed, checked object
+that the model consumes.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Mapping
 LOOP_MODES = ('plt', 'vanilla')
 GATE_MODES = ('hidden', 'query')
 DTYPES = ('float32', 'bfloat16')
-ATTENTION_IMPLS = ('auto', 'xla', 'pallas', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'xla', 'pallas', 'cudnn', 'cpu')  # plt_jax.attention.BACKENDS
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_attention')
 
 
@@ -40,7 +41,9 @@ class ModelConfig:
   param_dtype: str = 'float32'
   init_std: float = 0.02
   remat: str = 'none'
-  attention_impl: str = 'xla'
+  # The attention backend (plt_jax.attention.get_backend). 'auto': Pallas on GPU / TPU, else the
+  # reference with the CPU decode kernel. Every backend computes the same math.
+  attention_impl: str = 'auto'
 
   def __post_init__(self):
     self.validate()
@@ -48,6 +51,11 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def plt_uses_gswa(self) -> bool:
+    """Whether loops 2..R read loop 1's keys through G-SWA (and the layers carry gates)."""
+    return self.loop_mode == 'plt' and self.num_loops > 1
 
   @property
   def num_groups(self) -> int:
@@ -115,14 +123,14 @@ class ModelConfig:
     mlp = 3 * d * self.ffn_dim
     norms = 2 * d
     gate = 0
-    if self.loop_mode == 'plt' and self.num_loops > 1:
+    if self.plt_uses_gswa:
       gate = (self.num_heads * d + self.num_heads + d if self.gate_mode == 'hidden'
               else self.num_heads * hd + self.num_heads)
     per_layer = attn + mlp + norms + gate
     return self.num_layers * per_layer + 2 * self.vocab_size * d + d
 
 
-# Presets shared by configs/r*.py; they differ only in num_loops.
+# Model shapes of the experiment presets (plt_jax.presets); R = num_loops is set apart.
 PRESETS: dict[str, dict[str, Any]] = {
     # Trains on a 2-core CPU in minutes.
     'default': dict(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, ffn_dim=384,

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from plt_jax import metrics as metrics_lib
+
 Array = jax.Array
 _EPS = 1e-30
 
@@ -109,8 +111,10 @@ def _mixed_probs(layer_out) -> Array:
   return layer_out.probs
 
 
-def loop_diagnostics(model, batch: dict[str, Array]) -> dict[str, Array]:
-  """Sums (and counts) of every diagnostic for one batch. Run under jit (see `make_diagnose_fn`)."""
+def loop_diagnostics(model, batch: dict[str, Array], rt=None) -> dict[str, Array]:
+  """Sums (and counts) of every diagnostic for one batch. Run under jit (see `accumulate`).
+  rt: the `plt_jax.runtime.Runtime` (its mesh); attention always runs as the reference here,
+  which is what captures the probabilities."""
   cfg = model.cfg
   tokens, positions = batch['inputs'], batch['positions']
   seg = batch.get('segment_ids')
@@ -121,8 +125,9 @@ def loop_diagnostics(model, batch: dict[str, Array]) -> dict[str, Array]:
   n_valid = jnp.sum(vf)
   R = cfg.num_loops
 
-  _, loops = model(tokens, positions, seg, return_loops=True, capture_attention=True)
-  e = model.embed(tokens)
+  rt = model.runtime(rt)
+  _, loops = model(tokens, positions, seg, runtime=rt, return_loops=True, capture_attention=True)
+  e = model.embed(tokens, rt)
   states = [e] + [lo.hidden for lo in loops]
   nan = jnp.float32(jnp.nan)
   out: dict[str, Any] = {'count_tokens': n_valid, 'count_lens': jnp.sum(lmask.astype(jnp.float32))}
@@ -141,14 +146,14 @@ def loop_diagnostics(model, batch: dict[str, Array]) -> dict[str, Array]:
 
   # Fixed-point gap: for r < R, F(h_r) = h_{r+1}; the last loop gets one extra loop.
   global_kv = None
-  if cfg.loop_mode == 'plt' and R > 1:
+  if cfg.plt_uses_gswa:
     global_kv = [(lo.k, lo.v) for lo in loops[0].layers]
   if R == 1:  # an extra loop of a 1-loop PLT model has no gate; use the plain causal pass
     x_extra = model.loop_input(e, states[-1], positions) if cfg.loop_mode == 'plt' else states[-1]
-    extra = model.run_loop(x_extra, positions, seg, None).hidden
+    extra = model.run_loop(x_extra, positions, seg, None, rt=rt).hidden
   else:
     extra = model.run_loop(model.loop_input(e, states[-1], positions), positions, seg,
-                           global_kv).hidden
+                           global_kv, rt=rt).hidden
   nxt = states[2:] + [extra]
   out['fixed_point_gap'] = jnp.stack([
       msum(jnp.linalg.norm((states[r] - nxt[r - 1]).astype(jnp.float32), axis=-1))
@@ -188,7 +193,8 @@ def loop_diagnostics(model, batch: dict[str, Array]) -> dict[str, Array]:
 
   # Logit lens.
   lm = lmask.astype(jnp.float32)
-  logps = [jax.nn.log_softmax(model.head(h), axis=-1) for h in states[1:]]
+  lens_logits = [model.head(h, rt) for h in states[1:]]
+  logps = [jax.nn.log_softmax(lg, axis=-1) for lg in lens_logits]
   ps = [jnp.exp(lp) for lp in logps]
   out['lens_entropy'] = jnp.stack([jnp.sum(entropy(p) * lm) for p in ps])
   out['lens_kl'] = jnp.stack([nan] + [jnp.sum(kl_divergence(ps[r], ps[r - 1]) * lm)
@@ -196,8 +202,8 @@ def loop_diagnostics(model, batch: dict[str, Array]) -> dict[str, Array]:
   ranks = [true_token_rank(lp, targets) for lp in logps]
   out['lens_rank'] = jnp.stack([jnp.sum(rk.astype(jnp.float32) * lm) for rk in ranks])
   out['lens_top1'] = jnp.stack([jnp.sum((rk == 0).astype(jnp.float32) * lm) for rk in ranks])
-  out['lens_nll'] = jnp.stack([-jnp.sum(jnp.take_along_axis(lp, targets[..., None], -1)[..., 0] * lm)
-                               for lp in logps])
+  out['lens_nll'] = jnp.stack([jnp.sum(metrics_lib.next_token_nll(lg, targets, lm))
+                               for lg in lens_logits])
   return out
 
 
@@ -211,14 +217,15 @@ _DENOM = {
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(graphdef):
-  # Attention capture always uses the reference path, so the 'xla' impl is forced inside the model.
-  return jax.jit(lambda state, batch: loop_diagnostics(nnx.merge(graphdef, state), batch))
+def _jitted(graphdef, rt):
+  return jax.jit(lambda state, batch: loop_diagnostics(nnx.merge(graphdef, state), batch, rt))
 
 
-def accumulate(model, batches: Iterable[dict]) -> dict[str, np.ndarray]:
+def accumulate(model, batches: Iterable[dict], *, sharding=None) -> dict[str, np.ndarray]:
+  """sharding: a `plt_jax.sharding.ShardingConfig` to run on a mesh (None: one device)."""
+  from plt_jax.runtime import Runtime  # pylint: disable=import-outside-toplevel
   graphdef, state = nnx.split(model)
-  fn = _jitted(graphdef)
+  fn = _jitted(graphdef, Runtime.for_model(model.cfg, sharding=sharding))
   total = None
   for batch in batches:
     b = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -239,9 +246,9 @@ def finalize(sums: dict[str, np.ndarray]) -> dict[str, Any]:
   return out
 
 
-def diagnose(model, batches: Iterable[dict]) -> dict[str, Any]:
+def diagnose(model, batches: Iterable[dict], *, sharding=None) -> dict[str, Any]:
   """All diagnostics for a model over held-out batches (dicts with inputs/positions/...)."""
-  res = finalize(accumulate(model, batches))
+  res = finalize(accumulate(model, batches, sharding=sharding))
   res['num_loops'] = model.cfg.num_loops
   res['loop_mode'] = model.cfg.loop_mode
   return res

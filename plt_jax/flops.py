@@ -41,7 +41,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
   dense_layer = 2 * d * h * e + 2 * 2 * d * k * e + 2 * h * e * d + 2 * 3 * d * f
   per_pair = 4 * h * e
   causal_keys = (seq_len + 1) / 2
-  gated = cfg.loop_mode == 'plt' and r > 1
+  gated = cfg.plt_uses_gswa
   gate_layer = (2 * d * h if cfg.gate_mode == 'hidden' else 2 * h * e) if gated else 0
   out = dict(
       dense=float(n_layers * dense_layer * r),

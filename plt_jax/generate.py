@@ -5,19 +5,22 @@ max_len, so a new prompt of similar size reuses the compiled prefill, and every 
 compiled decode step (its cache argument is donated, so the step updates the cache in place).
 Each step is dispatched before the previous step's tokens are pulled to the host, so host work
 (stop checks, streaming) overlaps device work; at most one step is wasted at the end.
+`run_generation` is the text-level path behind `python -m experiments.generate`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from plt_jax import loading
 from plt_jax.decode import Decoder
 
 Array = jax.Array
@@ -217,3 +220,92 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   return Generator(model, max_len=max_len).generate(
       prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop_tokens,
       seed=seed, callback=callback)
+
+
+# ------------------------------------------------------------------------------------------------
+# Text in, text out (what `python -m experiments.generate` runs)
+
+def load_model_and_tokenizer(workdir: Optional[str] = None, hf_dir: Optional[str] = None,
+                             step: Optional[int] = None, random_init: Optional[str] = None,
+                             tokenizer_path: Optional[str] = None):
+  """(model, tokenizer) from a training work dir, an exported HF dir, or random weights.
+
+  tokenizer_path: a tokenizer.json or its folder, replacing the one that comes with the model.
+  """
+  if sum(x is not None for x in (workdir, hf_dir, random_init)) != 1:
+    raise ValueError('give exactly one of --workdir, --hf_dir, --random_init')
+  if random_init is not None:
+    model, tokenizer = loading.random_model(random_init)
+    if tokenizer_path is not None:
+      from plt_jax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+      tokenizer = Tokenizer.from_pretrained(tokenizer_path)
+  else:
+    source, path = ('workdir', workdir) if workdir is not None else ('hf', hf_dir)
+    loaded = loading.load_model(path, source=source, step=step, tokenizer_path=tokenizer_path)
+    model, tokenizer = loaded.model, loaded.tokenizer
+  if tokenizer is None:
+    raise ValueError(f'{hf_dir!r} has no tokenizer.json; pass --tokenizer')
+  if tokenizer.vocab_size > model.cfg.vocab_size:
+    raise ValueError(f'the tokenizer has {tokenizer.vocab_size} ids but the model only '
+                     f'{model.cfg.vocab_size}')
+  return model, tokenizer
+
+
+class TextStreamer:
+  """Turns emitted token ids into text pieces: decodes each sequence's ids so far and prints what
+  is new, holding back an incomplete UTF-8 character (decoded as U+FFFD) until it completes."""
+
+  def __init__(self, tokenizer, batch: int, out: TextIO):
+    self.tokenizer, self.out = tokenizer, out
+    self.ids = [[] for _ in range(batch)]
+    self.shown = [''] * batch
+
+  def __call__(self, step, tokens, emitted) -> None:
+    del step
+    for i in emitted.nonzero()[0]:
+      self.ids[i].append(int(tokens[i]))
+      text = self.tokenizer.decode(self.ids[i])
+      if text.endswith('\ufffd'):
+        continue
+      self._show(i, text)
+
+  def _show(self, i: int, text: str) -> None:
+    piece, self.shown[i] = text[len(self.shown[i]):], text
+    if piece:
+      self.out.write(piece if len(self.ids) == 1 else f'[{i}] {piece!r}\n')
+      self.out.flush()
+
+  def finish(self) -> None:
+    """Shows what was held back (a sequence may end inside a multi-byte character)."""
+    for i, ids in enumerate(self.ids):
+      self._show(i, self.tokenizer.decode(ids))
+
+
+def run_generation(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128,
+                   sampling: SamplingParams = SamplingParams(), seed: int = 0,
+                   add_bos: bool = True, stop_at_eos: bool = True,
+                   stop_tokens: Sequence[int] = (), generator: Optional[Generator] = None,
+                   out: Optional[TextIO] = None) -> tuple[GenerationResult, list[str]]:
+  """Encodes, generates with streaming to `out` (default: sys.stdout as it is at the call), and
+  prints throughput. Returns (result, texts)."""
+  out = out or sys.stdout
+  ids = [([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode(p)) for p in prompts]
+  stops = list(stop_tokens) + ([tokenizer.eos_id] if stop_at_eos else [])
+  generator = generator or Generator(model)
+  if len(prompts) == 1:
+    out.write(prompts[0])
+    out.flush()
+  streamer = TextStreamer(tokenizer, len(prompts), out)
+  res = generator.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                           stop_tokens=stops, seed=seed, callback=streamer)
+  streamer.finish()
+  texts = [tokenizer.decode(t) for t in res.tokens]
+  if len(prompts) > 1:
+    for i, t in enumerate(texts):
+      out.write(f'\n=== [{i}] {prompts[i]!r} ->\n{t}\n')
+  out.write(f'\n--- {res.num_generated} tokens for {len(prompts)} prompt(s): '
+            f'prefill {res.prefill_s:.3f}s and first step {res.first_step_s:.3f}s (both include '
+            f'compilation on first use), then {res.decode_tokens_per_s:.1f} tokens/s decoding; '
+            f'{res.tokens_per_s:.1f} tokens/s overall; finish: {", ".join(res.finish_reasons)}\n')
+  out.flush()
+  return res, texts

@@ -1,4 +1,5 @@
-"""Run outputs: metrics.jsonl, TensorBoard event files, the loss-curve PNG, the progress bar.
+"""Run outputs: metrics.jsonl, TensorBoard event files, the loss-curve PNG, the progress bar; and
+the two measures every part of the project reports the same way: next-token NLL, bits per byte.
 
 Only process 0 writes (`enabled=False` elsewhere). On resume, records past the restored step
 (written after the last checkpoint by a run that then died) are dropped, so the files describe
@@ -18,6 +19,24 @@ import tqdm
 JSONL = 'metrics.jsonl'
 TB_DIR = 'tensorboard'
 PNG = 'loss_curve.png'
+
+
+def next_token_nll(logits, targets, weights=None):
+  """Next-token negative log-likelihood (nats) per token, float32: logits [..., V], integer
+  targets [...]; multiplied by `weights` (e.g. the loss mask) when given.
+
+  The one definition shared by the training loss, held-out perplexity and the logit lens.
+  """
+  # Imported here, so that reading run outputs (sweep reports, perplexity scoring) needs no JAX.
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  return nll if weights is None else nll * weights
+
+
+def bits_per_byte(nats: float, num_bytes: float) -> float:
+  """Summed NLL in nats over the UTF-8 bytes the scored tokens spell; NaN without bytes."""
+  return nats / math.log(2) / num_bytes if num_bytes else float('nan')
 
 
 def _scalar(v: Any) -> Any:

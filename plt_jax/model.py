@@ -14,8 +14,6 @@ axes. Shape suffixes: B batch, S sequence, D model width, H heads, K kv-heads, E
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 from typing import Any, Optional
@@ -27,6 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from plt_jax import attention as attn_lib
 from plt_jax.config import ModelConfig
+from plt_jax.runtime import Runtime
 from plt_jax.sharding import constrain
 
 Array = jax.Array
@@ -69,22 +68,6 @@ def rope(x_BSHE: Array, positions_BS: Array, theta: float) -> Array:
   return out.astype(x_BSHE.dtype)
 
 
-# The projections' matmul, jnp.dot unless a caller swaps it while tracing (decoding on CPU uses
-# a kernel for its few-row products, see plt_jax.decode). Same math either way.
-_PROJECTION_MATMUL: contextvars.ContextVar = contextvars.ContextVar('projection_matmul',
-                                                                    default=None)
-
-
-@contextlib.contextmanager
-def projection_matmul(fn):
-  """Within this context (at trace time) every `Linear` computes fn(x, kernel); None: jnp.dot."""
-  token = _PROJECTION_MATMUL.set(fn)
-  try:
-    yield
-  finally:
-    _PROJECTION_MATMUL.reset(token)
-
-
 class Linear(nnx.Module):
   """Bias-free projection; kernel stored [in, out] with logical axis names."""
 
@@ -92,9 +75,8 @@ class Linear(nnx.Module):
     self.kernel = nnx.Param(_init(cfg.init_std, axes)(rngs.params(), (d_in, d_out)))
     self.dtype = _DTYPES[cfg.dtype]
 
-  def __call__(self, x: Array) -> Array:
-    matmul = _PROJECTION_MATMUL.get() or jnp.dot
-    return matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+  def __call__(self, x: Array, rt: Runtime) -> Array:
+    return rt.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
 class Gate(nnx.Module):
@@ -138,21 +120,22 @@ class Attention(nnx.Module):
     self.o_proj = Linear(cfg.num_heads * e, d, ('heads', 'embed'), cfg, rngs)
     self.plt_gate = Gate(cfg) if with_gate else None
 
-  def qkv(self, u_BSD: Array, positions_BS: Array):
+  def qkv(self, u_BSD: Array, positions_BS: Array, rt: Runtime):
     """Post-RoPE q [B,S,H,E], k [B,S,K,E] and v [B,S,K,E]."""
-    c = self.cfg
+    c, shd = self.cfg, rt.sharding
     b, s, _ = u_BSD.shape
-    q = self.q_proj(u_BSD).reshape(b, s, c.num_heads, c.head_dim)
-    k = self.k_proj(u_BSD).reshape(b, s, c.num_kv_heads, c.head_dim)
-    v = self.v_proj(u_BSD).reshape(b, s, c.num_kv_heads, c.head_dim)
-    q = constrain(rope(q, positions_BS, c.rope_theta), ('batch', 'seq', 'act_heads', None))
-    k = constrain(rope(k, positions_BS, c.rope_theta), ('batch', 'seq', 'act_kv_heads', None))
-    v = constrain(v, ('batch', 'seq', 'act_kv_heads', None))
+    q = self.q_proj(u_BSD, rt).reshape(b, s, c.num_heads, c.head_dim)
+    k = self.k_proj(u_BSD, rt).reshape(b, s, c.num_kv_heads, c.head_dim)
+    v = self.v_proj(u_BSD, rt).reshape(b, s, c.num_kv_heads, c.head_dim)
+    q = constrain(rope(q, positions_BS, c.rope_theta), ('batch', 'seq', 'act_heads', None), shd)
+    k = constrain(rope(k, positions_BS, c.rope_theta), ('batch', 'seq', 'act_kv_heads', None),
+                  shd)
+    v = constrain(v, ('batch', 'seq', 'act_kv_heads', None), shd)
     return q, k, v
 
-  def out(self, y_BSHE: Array) -> Array:
+  def out(self, y_BSHE: Array, rt: Runtime) -> Array:
     b, s = y_BSHE.shape[:2]
-    return self.o_proj(y_BSHE.reshape(b, s, -1))
+    return self.o_proj(y_BSHE.reshape(b, s, -1), rt)
 
 
 class MLP(nnx.Module):
@@ -163,9 +146,9 @@ class MLP(nnx.Module):
     self.up_proj = Linear(cfg.d_model, cfg.ffn_dim, ('embed', 'mlp'), cfg, rngs)
     self.down_proj = Linear(cfg.ffn_dim, cfg.d_model, ('mlp', 'embed'), cfg, rngs)
 
-  def __call__(self, x: Array) -> Array:
-    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-    return self.down_proj(constrain(h, ('batch', 'seq', 'act_mlp')))
+  def __call__(self, x: Array, rt: Runtime) -> Array:
+    h = jax.nn.silu(self.gate_proj(x, rt)) * self.up_proj(x, rt)
+    return self.down_proj(constrain(h, ('batch', 'seq', 'act_mlp'), rt.sharding), rt)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -182,42 +165,42 @@ class LayerOut:
 class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    with_gate = cfg.loop_mode == 'plt' and cfg.num_loops > 1
+    self.window = cfg.window_size
     self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-    self.self_attn = Attention(cfg, rngs, with_gate)
+    self.self_attn = Attention(cfg, rngs, cfg.plt_uses_gswa)
     self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x_BSD: Array, positions_BS: Array, segment_ids_BS: Optional[Array],
-               global_kv: Optional[tuple[Array, Array]], *, window: int,
-               impl: attn_lib.AttentionImpl, capture: bool = False):
-    """One layer. `global_kv=None`: causal self-attention; otherwise G-SWA over (K1, V1)."""
-    q, k, v = self.project(x_BSD, positions_BS)
+               global_kv: Optional[tuple[Array, Array]], *, rt: Runtime, capture: bool = False):
+    """One layer. `global_kv=None`: causal self-attention; otherwise G-SWA over (K1, V1).
+    capture: the reference attention, also returning its probabilities."""
+    q, k, v = self.project(x_BSD, positions_BS, rt)
+    backend = attn_lib.XLA() if capture else rt.attention
+    kw = dict(return_probs=True) if capture else dict(sharding=rt.sharding)
     gate = probs = None
     if global_kv is None:
-      y = impl.causal(q, k, v, segment_ids_BS, **({'return_probs': True} if capture else {}))
-      if capture:
-        y, probs = y
+      y = backend.causal(q, k, v, segment_ids_BS, **kw)
     else:
       gate = self.self_attn.plt_gate(x_BSD, q)
       k1, v1 = global_kv
-      y = impl.gswa(q, k1, v1, k, v, gate, segment_ids_BS, window=window,
-                    **({'return_probs': True} if capture else {}))
-      if capture:
-        y, probs = y
+      y = backend.gswa(q, k1, v1, k, v, gate, segment_ids_BS, window=self.window, **kw)
+    if capture:
+      y, probs = y
     y = checkpoint_name(y, 'attention_out')
-    x = constrain(self.finish(x_BSD, y), ('batch', 'seq', 'act_embed'))
+    x = constrain(self.finish(x_BSD, y, rt), ('batch', 'seq', 'act_embed'), rt.sharding)
     return x, LayerOut(k, v, gate, probs)
 
-  # The layer around its attention, in two halves (cached decoding brings its own attention).
-  def project(self, x_BSD: Array, positions_BS: Array):
+  # The layer around its attention, in two halves (cached decoding calls the attention's cached
+  # operations between them).
+  def project(self, x_BSD: Array, positions_BS: Array, rt: Runtime):
     """Pre-attention norm, then the post-RoPE q [B,S,H,E], k, v [B,S,K,E]."""
-    return self.self_attn.qkv(self.input_layernorm(x_BSD), positions_BS)
+    return self.self_attn.qkv(self.input_layernorm(x_BSD), positions_BS, rt)
 
-  def finish(self, x_BSD: Array, y_BSHE: Array) -> Array:
+  def finish(self, x_BSD: Array, y_BSHE: Array, rt: Runtime) -> Array:
     """Output projection and residual, then the MLP block and its residual."""
-    x = x_BSD + self.self_attn.out(y_BSHE)
-    return x + self.mlp(self.post_attention_layernorm(x))
+    x = x_BSD + self.self_attn.out(y_BSHE, rt)
+    return x + self.mlp(self.post_attention_layernorm(x), rt)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -258,8 +241,14 @@ class PLT(nnx.Module):
     self.lm_head = Linear(cfg.d_model, cfg.vocab_size, ('embed', 'vocab'), cfg, rngs)
 
   # --- pieces, public so decoding and diagnostics can reuse them -------------------------------
-  def embed(self, tokens_BS: Array) -> Array:
-    return constrain(self.embed_tokens(tokens_BS), ('batch', 'seq', 'act_embed'))
+  # Each takes the Runtime (how the math runs); None: the config's attention backend, XLA's dot
+  # and no mesh.
+  def runtime(self, rt: Optional[Runtime] = None) -> Runtime:
+    return rt if rt is not None else Runtime.for_model(self.cfg)
+
+  def embed(self, tokens_BS: Array, rt: Optional[Runtime] = None) -> Array:
+    return constrain(self.embed_tokens(tokens_BS), ('batch', 'seq', 'act_embed'),
+                     self.runtime(rt).sharding)
 
   def between_loops(self, h_BSD: Array) -> Array:
     """Norm_f(h) (release) or h itself, as fed to the next loop's shift."""
@@ -279,13 +268,13 @@ class PLT(nnx.Module):
             + c.hidden_scale * shifted.astype(jnp.float32)).astype(e.dtype)
 
   def run_loop(self, x_BSD: Array, positions_BS: Array, segment_ids_BS: Optional[Array],
-               global_kv: Optional[list[tuple[Array, Array]]], *, capture: bool = False) -> LoopOut:
+               global_kv: Optional[list[tuple[Array, Array]]], *, rt: Optional[Runtime] = None,
+               capture: bool = False) -> LoopOut:
     """Applies the L shared layers once. global_kv: loop 1's per-layer (K, V) for G-SWA loops."""
-    c = self.cfg
-    impl = attn_lib.get_impl('xla' if capture else c.attention_impl)
+    c, rt = self.cfg, self.runtime(rt)
 
     def fn(layer, x, positions, segment_ids, kv):
-      return layer(x, positions, segment_ids, kv, window=c.window_size, impl=impl, capture=capture)
+      return layer(x, positions, segment_ids, kv, rt=rt, capture=capture)
 
     if c.remat != 'none' and not capture:
       fn = nnx.remat(fn, policy=_REMAT_POLICIES[c.remat], prevent_cse=True)
@@ -297,34 +286,36 @@ class PLT(nnx.Module):
       outs.append(lo)
     return LoopOut(x_BSD, x, outs)
 
-  def head(self, h_BSD: Array) -> Array:
+  def head(self, h_BSD: Array, rt: Optional[Runtime] = None) -> Array:
     """Logits in float32: Head(Norm_f(h))."""
-    return self.lm_head(self.norm(h_BSD)).astype(jnp.float32)
+    return self.lm_head(self.norm(h_BSD), self.runtime(rt)).astype(jnp.float32)
 
   # --- the forward pass ----------------------------------------------------------------------
   def __call__(self, tokens_BS: Array, positions_BS: Optional[Array] = None,
-               segment_ids_BS: Optional[Array] = None, *, return_loops: bool = False,
-               capture_attention: bool = False):
+               segment_ids_BS: Optional[Array] = None, *, runtime: Optional[Runtime] = None,
+               return_loops: bool = False, capture_attention: bool = False):
     """Logits [B, S, V] (float32). With return_loops, also the list of R LoopOut.
 
     positions: per-document positions (restart at 0 at each packed document); defaults to 0..S-1.
     segment_ids: document ids within the row (0 = padding); defaults to one document.
+    runtime: how the math runs (attention backend, matmul, mesh); see `plt_jax.runtime`.
     capture_attention: record attention probabilities (reference path only; for diagnostics).
     """
-    c = self.cfg
+    c, rt = self.cfg, self.runtime(runtime)
     if positions_BS is None:
       positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1], dtype=jnp.int32),
                                       tokens_BS.shape)
-    e = self.embed(tokens_BS)
-    loops = [self.run_loop(e, positions_BS, segment_ids_BS, None, capture=capture_attention)]
+    e = self.embed(tokens_BS, rt)
+    loops = [self.run_loop(e, positions_BS, segment_ids_BS, None, rt=rt,
+                           capture=capture_attention)]
     for _ in range(1, c.num_loops):
       x = self.loop_input(e, loops[-1].hidden, positions_BS)
       global_kv = None
-      if c.loop_mode == 'plt':
+      if c.plt_uses_gswa:
         global_kv = [(lo.k, lo.v) for lo in loops[0].layers]
-      loops.append(self.run_loop(x, positions_BS, segment_ids_BS, global_kv,
+      loops.append(self.run_loop(x, positions_BS, segment_ids_BS, global_kv, rt=rt,
                                  capture=capture_attention))
-    logits = self.head(loops[-1].hidden)
+    logits = self.head(loops[-1].hidden, rt)
     return (logits, loops) if return_loops else logits
 
 

@@ -5,14 +5,14 @@ The model names every parameter and a few activations by *logical* axes ('embed'
   * `LOGICAL_RULES` maps logical names to mesh axes (FSDP over 'fsdp', Megatron-style TP over 'tensor',
     batch over data x fsdp);
   * `make_mesh` sizes the mesh from the config (-1 fills the remaining devices);
-  * `activation_sharding(mesh, rules)` switches on the model's activation constraints;
+  * `ShardingConfig(mesh, rules)` is that pairing as data: the model's activation constraints and
+    the kernels' per-shard calls take it explicitly (through `plt_jax.runtime.Runtime`);
   * `param_shardings` / `shard_model` place parameters (a dimension that a mesh axis does not divide
     is replicated instead of failing, so tiny test models run on any mesh).
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import dataclasses
 import math
 from typing import Any, Optional, Sequence
 
@@ -100,32 +100,25 @@ def logical_to_spec(logical: Sequence[Optional[str]], rules: LogicalRules = LOGI
   return P(*out)
 
 
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar('plt_activation_sharding', default=None)
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+  """A mesh and the logical-axis rules for it: what the model's activation constraints and the
+  kernels' per-shard calls read. Passed explicitly (inside `plt_jax.runtime.Runtime`) to every
+  traced function that runs the model on a mesh; hashable, so it is part of jit's cache key."""
+  mesh: Mesh
+  rules: LogicalRules = LOGICAL_RULES
+
+  def spec(self, logical: Sequence[Optional[str]], shape: Sequence[int]) -> P:
+    return logical_to_spec(logical, self.rules, shape, self.mesh)
 
 
-@contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: LogicalRules = LOGICAL_RULES):
-  """Within this context (while tracing), the model's `constrain` calls take effect."""
-  token = _ACTIVE.set((mesh, rules))
-  try:
-    yield
-  finally:
-    _ACTIVE.reset(token)
-
-
-def active():
-  """(mesh, rules) inside `activation_sharding`, else None (kernels use it to shard_map)."""
-  return _ACTIVE.get()
-
-
-def constrain(x: jax.Array, logical: Sequence[Optional[str]]) -> jax.Array:
-  """Annotates an activation with logical axes; a no-op outside `activation_sharding`."""
-  active = _ACTIVE.get()
-  if active is None:
+def constrain(x: jax.Array, logical: Sequence[Optional[str]],
+              sharding: Optional[ShardingConfig]) -> jax.Array:
+  """Annotates an activation with logical axes on `sharding`'s mesh; a no-op without one."""
+  if sharding is None:
     return x
-  mesh, rules = active
-  spec = logical_to_spec(logical, rules, x.shape, mesh)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  spec = sharding.spec(logical, x.shape)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
 
 
 def _logical_names(var) -> Optional[tuple]:

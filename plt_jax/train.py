@@ -9,6 +9,7 @@ data x fsdp. Step N+1 is dispatched before step N's metrics are pulled to the ho
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -32,6 +33,7 @@ from plt_jax import optimizer as opt_lib
 from plt_jax import sharding as sharding_lib
 from plt_jax.config import ModelConfig
 from plt_jax.model import PLT
+from plt_jax.runtime import Runtime
 
 Batch = dict[str, jax.Array]
 
@@ -152,10 +154,12 @@ class Program:
     graphdef, abstract, shardings = abstract_train_state(model_cfg, tx, mesh, rules)
     init_fn = jax.jit(lambda rng: nnx.split(_train_state(model_cfg, tx, rng))[1],
                       out_shardings=shardings)
+    # How the model runs inside the steps: the config's attention backend, on this mesh.
+    rt = Runtime.for_model(model_cfg, sharding=sharding_lib.ShardingConfig(mesh, rules))
     train_step = None if schedule is None else make_train_step(
-        graphdef, shardings, mesh, schedule, grad_accum=grad_accum, rules=rules)
+        graphdef, shardings, rt, schedule, grad_accum=grad_accum)
     return cls(graphdef, abstract, shardings, mesh, schedule, init_fn, train_step,
-               make_eval_step(graphdef, shardings, mesh, rules))
+               make_eval_step(graphdef, shardings, rt))
 
   _cache: ClassVar[dict] = {}
 
@@ -174,12 +178,11 @@ class Program:
 
 # ------------------------------------------------------------------------------- the math
 
-def loss_sums(model: PLT, batch: Batch):
+def loss_sums(model: PLT, batch: Batch, rt: Optional[Runtime] = None):
   """(sum of masked next-token cross-entropy, number of loss tokens) on final-loop logits."""
-  logits = model(batch['inputs'], batch['positions'], batch['segment_ids'])
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  logits = model(batch['inputs'], batch['positions'], batch['segment_ids'], runtime=rt)
   mask = batch['loss_mask'].astype(jnp.float32)
-  return jnp.sum(ce * mask), jnp.sum(mask)
+  return jnp.sum(metrics_lib.next_token_nll(logits, batch['targets'], mask)), jnp.sum(mask)
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
@@ -189,44 +192,43 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
   return jax.tree.map(one, batch)
 
 
-def make_train_step(graphdef, state_shardings, mesh, schedule: optax.Schedule, *,
-                    grad_accum: int = 1, rules=None):
-  """jit(state, batch) -> (state, metrics), state donated.
+def make_train_step(graphdef, state_shardings, rt: Runtime, schedule: optax.Schedule, *,
+                    grad_accum: int = 1):
+  """jit(state, batch) -> (state, metrics), state donated. rt: how the model runs (its
+  sharding holds the mesh and rules).
 
   With grad_accum = n the batch is cut into n microbatches whose gradient *sums* are
   accumulated; dividing by the total number of loss tokens gives the same math as one big
   batch (only the float summation order differs).
   """
-  rules = rules or sharding_lib.LOGICAL_RULES
-  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  batch_sharding = sharding_lib.batch_sharding(rt.sharding.mesh, rt.sharding.rules)
 
   def step(state, batch):
-    with sharding_lib.activation_sharding(mesh, rules):
-      ts = nnx.merge(graphdef, state)
-      model_def, params, rest = nnx.split(ts.model, nnx.Param, ...)
+    ts = nnx.merge(graphdef, state)
+    model_def, params, rest = nnx.split(ts.model, nnx.Param, ...)
 
-      def micro(p, mb):
-        return loss_sums(nnx.merge(model_def, p, rest), mb)
+    def micro(p, mb):
+      return loss_sums(nnx.merge(model_def, p, rest), mb, rt)
 
-      grad_fn = jax.value_and_grad(micro, has_aux=True)
-      if grad_accum == 1:
-        (loss_sum, count), grads = grad_fn(params, batch)
-      else:
-        def body(carry, mb):
-          g_acc, l_acc, n_acc = carry
-          mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), mb)
-          (l, n), g = grad_fn(params, mb)
-          return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+    grad_fn = jax.value_and_grad(micro, has_aux=True)
+    if grad_accum == 1:
+      (loss_sum, count), grads = grad_fn(params, batch)
+    else:
+      def body(carry, mb):
+        g_acc, l_acc, n_acc = carry
+        mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), mb)
+        (l, n), g = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, loss_sum, count), _ = jax.lax.scan(
-            body, init, _split_microbatches(batch, grad_accum))
-      denom = jnp.maximum(count, 1.0)
-      grads = jax.tree.map(lambda g: g / denom, grads)
-      lr = schedule(ts.optimizer.step[...])
-      ts.optimizer.update(ts.model, grads)
-      new_state = nnx.state(ts)
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+      (grads, loss_sum, count), _ = jax.lax.scan(
+          body, init, _split_microbatches(batch, grad_accum))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    lr = schedule(ts.optimizer.step[...])
+    ts.optimizer.update(ts.model, grads)
+    new_state = nnx.state(ts)
     metrics = dict(loss=loss_sum / denom, grad_norm=optax.global_norm(grads), lr=lr,
                    loss_tokens=count)
     return new_state, metrics
@@ -235,15 +237,13 @@ def make_train_step(graphdef, state_shardings, mesh, schedule: optax.Schedule, *
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def make_eval_step(graphdef, state_shardings, mesh, rules=None):
+def make_eval_step(graphdef, state_shardings, rt: Runtime):
   """jit(state, batch) -> (loss sum, token count) for the validation set."""
-  rules = rules or sharding_lib.LOGICAL_RULES
-
   def step(state, batch):
-    with sharding_lib.activation_sharding(mesh, rules):
-      return loss_sums(nnx.merge(graphdef, state).model, batch)
+    return loss_sums(nnx.merge(graphdef, state).model, batch, rt)
 
-  return jax.jit(step, in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, rules)))
+  batch_sharding = sharding_lib.batch_sharding(rt.sharding.mesh, rt.sharding.rules)
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding))
 
 
 def device_batch(host_batch: dict, sharding) -> Batch:
@@ -349,8 +349,253 @@ def _stop_requested(signals: _StopSignal, step: int, every: int = 10) -> bool:
   return bool(np.any(flags))
 
 
+@dataclasses.dataclass
+class _Throughput:
+  """Tokens/s and FLOP/s of training steps alone: after `pause()` (evaluation, a checkpoint)
+  the next step starts the clock again instead of being timed."""
+  tokens_per_step: int
+  flops_per_token: float
+  num_devices: int
+  peak_flops: float
+  t_prev: Optional[float] = None
+  steps: int = 0
+  seconds: float = 0.0
+  ema: Optional[float] = None
+
+  def tick(self, now: float) -> Optional[float]:
+    """Tokens/s since the previous tick; None for the first tick after a pause."""
+    tps = None
+    if self.t_prev is not None:
+      dt = now - self.t_prev
+      self.steps += 1
+      self.seconds += dt
+      tps = self.tokens_per_step / max(dt, 1e-9)
+      self.ema = tps if self.ema is None else 0.9 * self.ema + 0.1 * tps
+    self.t_prev = now
+    return tps
+
+  def pause(self) -> None:
+    self.t_prev = None
+
+  def rates(self, tps: float) -> dict:
+    return flops_lib.throughput(tps, self.flops_per_token, self.num_devices, self.peak_flops)
+
+  @property
+  def steady(self) -> Optional[float]:
+    """Tokens/s over all timed steps."""
+    return self.steps * self.tokens_per_step / self.seconds if self.seconds > 0 else None
+
+
+@dataclasses.dataclass
+class _Checkpoints:
+  """The checkpoint policy: every `every` steps and at the last step, at most once per step.
+  `last_saved` is the step a stopped run resumes from (the restored one before any save)."""
+  ckpt: ckpt_lib.Checkpointer
+  every: int
+  end_step: int
+  last_saved: Optional[int]
+  data_iter: Any
+  config: ml_collections.ConfigDict
+
+  def due(self, step: int) -> bool:
+    return step % self.every == 0 or step == self.end_step
+
+  def save(self, step: int, state: nnx.State) -> None:
+    if self.last_saved == step:
+      return
+    self.ckpt.save(step, state['model'], state['optimizer'], self.data_iter.get_state(),
+                   {'config': self.config.to_dict()})
+    self.last_saved = step
+
+  def describe_last(self) -> str:
+    if self.last_saved is None:
+      return (f'no checkpoint was saved yet in {self.ckpt.directory}, so running again starts '
+              'from step 0')
+    return (f'the last good checkpoint is step {self.last_saved} in {self.ckpt.directory} '
+            '(nothing after it was saved)')
+
+
+@dataclasses.dataclass
+class _StepReporter:
+  """Each step's metrics, read on the host one step late (the next step already runs): stops
+  on a non-finite loss, adds throughput, writes the metrics files and the progress bar."""
+  writer: metrics_lib.MetricsWriter
+  progress: metrics_lib.Progress
+  throughput: _Throughput
+  checkpoints: _Checkpoints
+  pending: Optional[_Pending] = None
+  last: dict = dataclasses.field(default_factory=dict)  # the last train metrics, with their step
+
+  def push(self, step: int, metrics: dict) -> None:
+    """Reports the step held so far and holds `step`'s (still on the device) instead."""
+    self.drain()
+    self.pending = _Pending(step, metrics)
+
+  def drain(self) -> None:
+    if self.pending is None:
+      return
+    p, self.pending = self.pending, None
+    m = {k: float(v) for k, v in jax.device_get(p.metrics).items()}
+    now = time.time()
+    if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])):
+      raise NonFiniteLossError(
+          f'non-finite training loss at step {p.step}: loss={m["loss"]}, '
+          f'grad_norm={m["grad_norm"]}, lr={m["lr"]:.3g}. Training stopped; '
+          f'{self.checkpoints.describe_last()}. '
+          'Lower optimizer.peak_lr, keep optimizer.clip_norm > 0, or check the data.')
+    tps = self.throughput.tick(now)
+    if tps is not None:
+      m['tokens_per_s'] = tps
+      thr = self.throughput.rates(tps)
+      m['tflops_per_device'] = thr['tflops_per_device']
+      if thr['mfu'] is not None:
+        m['mfu'] = thr['mfu']
+    self.writer.write(p.step, m, split='train')
+    self.last.update(m, step=p.step)
+    ema = self.throughput.ema
+    self.progress.update(p.step, loss=m['loss'], lr=m['lr'],
+                         **({'tok/s': f'{ema:,.0f}'} if ema else {}))
+
+
+@dataclasses.dataclass
+class _Evaluator:
+  """Validation loss on the fixed val batches, written to the metrics files and the loss curve;
+  also bits per byte when the batches hold exactly the tokens whose bytes the data counted."""
+  eval_step: Callable
+  val_batches: list[Batch]
+  stats: dict
+  every: int
+  end_step: int
+  writer: metrics_lib.MetricsWriter
+  title: str
+  is_main: bool
+
+  def due(self, step: int) -> bool:
+    return self.every > 0 and (step % self.every == 0 or step == self.end_step)
+
+  def __call__(self, state: nnx.State, step: int) -> dict:
+    t0 = time.time()
+    ev = evaluate(self.eval_step, state, self.val_batches)
+    st = self.stats
+    if st.get('val_eval_bytes') and abs(ev['tokens'] - st['val_eval_tokens']) < 0.5:
+      ev['bits_per_byte'] = metrics_lib.bits_per_byte(ev['nats'], st['val_eval_bytes'])
+    ev['seconds'] = time.time() - t0
+    self.writer.write(step, {k: v for k, v in ev.items() if k != 'nats'}, split='val')
+    if self.is_main:
+      metrics_lib.plot_loss_curve(self.writer.jsonl_path, self.writer.png_path, self.title)
+    return ev
+
+
+def _train_steps(state: nnx.State, step: int, *, end_step: int, train_step, train_iter,
+                 batch_sharding, reporter: _StepReporter, evaluator: _Evaluator,
+                 checkpoints: _Checkpoints):
+  """Trains from `step` to `end_step`, or until SIGTERM/SIGINT (then saves a checkpoint).
+
+  Returns (state, step, what stopped it or None, the last evaluation or None).
+  """
+  stop, last_val = None, None
+  with _StopSignal() as signals:
+    while step < end_step:
+      host_batch = next(train_iter)
+      state, metrics = train_step(state, device_batch(host_batch, batch_sharding))
+      step += 1
+      reporter.push(step, metrics)  # step - 1's metrics, read while step runs
+      if _stop_requested(signals, step):
+        stop = signals.received or 'signal on another process'
+        break
+      if evaluator.due(step):
+        reporter.drain()
+        reporter.throughput.pause()  # evaluation time is not training throughput
+        last_val = evaluator(state, step)
+        reporter.progress.write(
+            f'step {step}: val loss {last_val["loss"]:.4f} (ppl {last_val["perplexity"]:.2f}), '
+            f'train loss {reporter.last.get("loss", float("nan")):.4f}')
+      if checkpoints.due(step):
+        reporter.drain()  # only checkpoints whose every step had a finite loss
+        checkpoints.save(step, state)
+        reporter.throughput.pause()
+    reporter.drain()
+    if stop:
+      checkpoints.save(step, state)
+  return state, step, stop, last_val
+
+
+def _build_data(config: ml_collections.ConfigDict, workdir: str):
+  """The data bundle; its tokenizer lands in workdir/tokenizer. With several processes, process 0
+  trains the tokenizer and fills the cache, and the others then reuse them."""
+  from plt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  t = config.train
+  build = lambda: data_lib.build_data(  # pylint: disable=g-long-lambda
+      config.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed,
+      workdir=workdir, process_index=jax.process_index(), process_count=jax.process_count())
+  if jax.process_count() == 1:
+    return build()
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  is_main = jax.process_index() == 0
+  data = build() if is_main else None
+  multihost_utils.sync_global_devices('plt_jax: data ready')
+  return data if is_main else build()
+
+
+def _model_config(config: ml_collections.ConfigDict, tok) -> ModelConfig:
+  """The model config with its vocabulary fitted to the tokenizer (written back into config)."""
+  t = config.train
+  if t.vocab_from_tokenizer:
+    config.model.vocab_size = _round_up(tok.vocab_size, max(1, t.vocab_multiple))
+  elif config.model.vocab_size < tok.vocab_size:
+    raise ValueError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
+                     f'tokenizer vocabulary ({tok.vocab_size})')
+  return ModelConfig.from_dict(config.model)
+
+
+def _check_saved_config(config: ml_collections.ConfigDict, workdir: str, say) -> str:
+  """Refuses a workdir that holds another model; notes other differences. Returns its path."""
+  config_path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
+  if os.path.exists(config_path):
+    saved = ckpt_lib.load_config(workdir).to_dict()
+    diff = _config_diff(saved, config.to_dict())
+    model_diff = [d for d in diff if d.startswith('model.')]
+    if model_diff:
+      raise ValueError(f'{workdir} holds a run with a different model; use a new --workdir. '
+                       f'Differences: {"; ".join(model_diff)}')
+    if diff:
+      logging.warning('config differs from the saved run: %s', '; '.join(diff))
+      say(f'note: config differs from {config_path}: {"; ".join(diff)}')
+  return config_path
+
+
+def _restore_or_init(program: Program, ckpt: ckpt_lib.Checkpointer, data, seed: int, say):
+  """(state, start step, whether it was restored): the latest complete checkpoint (with the data
+  iterator's position, where saved), else a fresh init."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    return program.init(seed), 0, False
+  abstract, shardings = program.abstract, program.shardings
+  restored = ckpt.restore(
+      latest, params_target=ckpt_lib.abstract_tree(abstract['model'], shardings['model']),
+      opt_target=ckpt_lib.abstract_tree(abstract['optimizer'], shardings['optimizer']),
+      data_iter=data.train_iter if ckpt.has_item(latest, 'data') else None)
+  state = ckpt_lib.tree_into_state(
+      abstract, {'model': restored['params'], 'optimizer': restored['opt_state']})
+  say(f'resumed from {ckpt.directory}/{latest}')
+  return state, int(latest), True
+
+
+def _val_record(jsonl_path: str, step: int, *, last: bool = False) -> Optional[dict]:
+  """The first (or last) validation record of `step` in the metrics file."""
+  records = [r for r in metrics_lib.read_jsonl(jsonl_path)
+             if r.get('split') == 'val' and r.get('step') == step]
+  if not records:
+    return None
+  return records[-1] if last else records[0]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns a summary of the run and its outputs."""
+  """Trains (or resumes) the run in `workdir`; returns a summary of the run and its outputs.
+
+  The checkpointer, the metric writers and the progress bar are closed on every exit, an error
+  included, so a checkpoint being written asynchronously is always finished.
+  """
   t_start = time.time()
   config = ml_collections.ConfigDict(config.to_dict())  # an unlocked private copy
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -363,209 +608,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   say(f'workdir {workdir}')
 
-  # --- data and tokenizer (the tokenizer lands in workdir/tokenizer) ---
-  from plt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  data = _build_data(config, workdir)
+  model_cfg = _model_config(config, data.tokenizer)
+  config_path = _check_saved_config(config, workdir, say)
   t = config.train
-  build = lambda: data_lib.build_data(  # pylint: disable=g-long-lambda
-      config.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed,
-      workdir=workdir, process_index=jax.process_index(), process_count=jax.process_count())
-  if jax.process_count() == 1:
-    data = build()
-  else:  # process 0 trains the tokenizer and fills the cache; the others then reuse them
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    if is_main:
-      data = build()
-    multihost_utils.sync_global_devices('plt_jax: data ready')
-    if not is_main:
-      data = build()
-  tok = data.tokenizer
-  if t.vocab_from_tokenizer:
-    config.model.vocab_size = _round_up(tok.vocab_size, max(1, t.vocab_multiple))
-  elif config.model.vocab_size < tok.vocab_size:
-    raise ValueError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
-                     f'tokenizer vocabulary ({tok.vocab_size})')
-  model_cfg = ModelConfig.from_dict(config.model)
-
-  # --- resume or start ---
-  config_path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
-  if os.path.exists(config_path):
-    saved = ckpt_lib.load_config(workdir).to_dict()
-    diff = _config_diff(saved, config.to_dict())
-    model_diff = [d for d in diff if d.startswith('model.')]
-    if model_diff:
-      raise ValueError(f'{workdir} holds a run with a different model; use a new --workdir. '
-                       f'Differences: {"; ".join(model_diff)}')
-    if diff:
-      logging.warning('config differs from the saved run: %s', '; '.join(diff))
-      say(f'note: config differs from {config_path}: {"; ".join(diff)}')
   program = Program.get(model_cfg, config.optimizer, t.steps, mesh, grad_accum=t.grad_accum)
-  shardings = program.shardings
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR),
-                               max_to_keep=config.checkpoint.max_to_keep,
-                               async_save=config.checkpoint.async_save)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    abstract = program.abstract
-    restored = ckpt.restore(
-        latest, params_target=ckpt_lib.abstract_tree(abstract['model'], shardings['model']),
-        opt_target=ckpt_lib.abstract_tree(abstract['optimizer'], shardings['optimizer']),
-        data_iter=data.train_iter if ckpt.has_item(latest, 'data') else None)
-    state = ckpt_lib.tree_into_state(
-        abstract, {'model': restored['params'], 'optimizer': restored['opt_state']})
-    start_step = int(latest)
-    say(f'resumed from {ckpt.directory}/{latest}')
-  else:
-    state = program.init(config.seed)
-    start_step = 0
-  if is_main:
-    ckpt_lib.save_config(workdir, config)
-
-  n_params = sum(x.size for x in jax.tree.leaves(state['model']))
-  fpt = flops_lib.flops_per_token(model_cfg, t.seq_len)
-  peak = (t.peak_tflops_per_device * 1e12 if t.peak_tflops_per_device > 0
-          else flops_lib.peak_flops_per_device())
-  tokens_per_step = t.batch_size * t.seq_len
-  say(f'model: {n_params / 1e6:.2f}M params, R={model_cfg.num_loops} ({model_cfg.loop_mode}), '
-      f'L={model_cfg.num_layers}, d={model_cfg.d_model}, vocab={model_cfg.vocab_size}, '
-      f'dtype={model_cfg.dtype}; {fpt["train"] / 1e6:.1f} MFLOP/token (train)')
-  say(f'mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} device(s); '
-      f'batch {t.batch_size} x {t.seq_len} ({t.grad_accum} microbatch(es)); steps {t.steps}')
-  st = data.stats
-  say(f'data: {st["source"]}, {st["tokenizer"]} tokenizer ({st["vocab_size"]}), '
-      f'{st["train_tokens"]:,} train / {st["val_tokens"]:,} val tokens, '
-      f'{st["train_rows"]:,} rows (~{st["train_rows"] // max(1, t.batch_size)} steps per epoch)')
-
-  train_step, eval_step = program.train_step, program.eval_step
-  bsh = sharding_lib.batch_sharding(mesh)
-  val_batches = [device_batch(b, bsh) for b in data.val_batches]
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, enabled=is_main)
-  title = (f'R={model_cfg.num_loops} {model_cfg.loop_mode}, {n_params / 1e6:.1f}M params, '
-           f'{config.preset}')
-
-  def run_eval(step: int) -> dict:
-    t0 = time.time()
-    ev = evaluate(eval_step, state, val_batches)
-    if st.get('val_eval_bytes') and abs(ev['tokens'] - st['val_eval_tokens']) < 0.5:
-      ev['bits_per_byte'] = ev['nats'] / math.log(2) / st['val_eval_bytes']
-    ev['seconds'] = time.time() - t0
-    writer.write(step, {k: v for k, v in ev.items() if k != 'nats'}, split='val')
-    if is_main:
-      metrics_lib.plot_loss_curve(writer.jsonl_path, writer.png_path, title)
-    return ev
-
   end_step = t.steps if t.stop_at_step < 0 else min(t.steps, t.stop_at_step)
-  history = dict(first_val=None, last_val=None)
-  do_eval = config.eval.every > 0
-  if start_step == 0 and config.eval.at_start and do_eval:
-    history['first_val'] = run_eval(0)
-    say(f'step 0: val loss {history["first_val"]["loss"]:.4f}')
-  elif start_step > 0:  # the starting loss of a resumed run is in its metrics
-    first = [r for r in metrics_lib.read_jsonl(writer.jsonl_path)
-             if r.get('split') == 'val' and r.get('step') == 0]
-    history['first_val'] = first[0] if first else None
 
-  step = start_step
-  last_saved = start_step if latest is not None else None
-  pending: Optional[_Pending] = None
-  progress = metrics_lib.Progress(t.steps, start_step, enabled=is_main and t.progress)
-  timing = dict(t_prev=None, steps=0, seconds=0.0, tps_ema=None)
-  last_train: dict = {}
+  with contextlib.ExitStack() as cleanup:
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR),
+                                 max_to_keep=config.checkpoint.max_to_keep,
+                                 async_save=config.checkpoint.async_save)
+    cleanup.callback(ckpt.close)  # waits for a save in flight
+    state, start_step, restored = _restore_or_init(program, ckpt, data, config.seed, say)
+    if is_main:
+      ckpt_lib.save_config(workdir, config)
 
-  def report(p: _Pending) -> None:
-    m = {k: float(v) for k, v in jax.device_get(p.metrics).items()}
-    now = time.time()
-    if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])):
-      raise NonFiniteLossError(
-          f'non-finite training loss at step {p.step}: loss={m["loss"]}, '
-          f'grad_norm={m["grad_norm"]}, lr={m["lr"]:.3g}. Training stopped; the last good '
-          f'checkpoint is step {last_saved} in {ckpt.directory} (nothing after it was saved). '
-          'Lower optimizer.peak_lr, keep optimizer.clip_norm > 0, or check the data.')
-    if timing['t_prev'] is not None:
-      dt = now - timing['t_prev']
-      timing['steps'] += 1
-      timing['seconds'] += dt
-      tps = tokens_per_step / max(dt, 1e-9)
-      timing['tps_ema'] = tps if timing['tps_ema'] is None else 0.9 * timing['tps_ema'] + 0.1 * tps
-      m['tokens_per_s'] = tps
-      thr = flops_lib.throughput(tps, fpt['train'], mesh.devices.size, peak)
-      m['tflops_per_device'] = thr['tflops_per_device']
-      if thr['mfu'] is not None:
-        m['mfu'] = thr['mfu']
-    timing['t_prev'] = now
-    writer.write(p.step, m, split='train')
-    last_train.update(m, step=p.step)
-    progress.update(p.step, loss=m['loss'], lr=m['lr'],
-                    **({'tok/s': f'{timing["tps_ema"]:,.0f}'} if timing['tps_ema'] else {}))
+    n_params = sum(x.size for x in jax.tree.leaves(state['model']))
+    fpt = flops_lib.flops_per_token(model_cfg, t.seq_len)
+    peak = (t.peak_tflops_per_device * 1e12 if t.peak_tflops_per_device > 0
+            else flops_lib.peak_flops_per_device())
+    st = data.stats
+    say(f'model: {n_params / 1e6:.2f}M params, R={model_cfg.num_loops} ({model_cfg.loop_mode}), '
+        f'L={model_cfg.num_layers}, d={model_cfg.d_model}, vocab={model_cfg.vocab_size}, '
+        f'dtype={model_cfg.dtype}; {fpt["train"] / 1e6:.1f} MFLOP/token (train)')
+    say(f'mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} '
+        f'device(s); batch {t.batch_size} x {t.seq_len} ({t.grad_accum} microbatch(es)); '
+        f'steps {t.steps}')
+    say(f'data: {st["source"]}, {st["tokenizer"]} tokenizer ({st["vocab_size"]}), '
+        f'{st["train_tokens"]:,} train / {st["val_tokens"]:,} val tokens, '
+        f'{st["train_rows"]:,} rows (~{st["train_rows"] // max(1, t.batch_size)} steps per epoch)')
 
-  def drain() -> None:
-    nonlocal pending
-    if pending is not None:
-      p, pending = pending, None
-      report(p)
+    bsh = sharding_lib.batch_sharding(mesh)
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, enabled=is_main)
+    cleanup.callback(writer.close)
+    title = (f'R={model_cfg.num_loops} {model_cfg.loop_mode}, {n_params / 1e6:.1f}M params, '
+             f'{config.preset}')
+    evaluator = _Evaluator(program.eval_step, [device_batch(b, bsh) for b in data.val_batches],
+                           st, every=config.eval.every, end_step=end_step, writer=writer,
+                           title=title, is_main=is_main)
+    first_val = None
+    if start_step == 0 and config.eval.at_start and evaluator.every > 0:
+      first_val = evaluator(state, 0)
+      say(f'step 0: val loss {first_val["loss"]:.4f}')
+    elif start_step > 0:  # the starting loss of a resumed run is in its metrics
+      first_val = _val_record(writer.jsonl_path, 0)
 
-  def save(step: int) -> None:
-    nonlocal last_saved
-    if last_saved == step:
-      return
-    ckpt.save(step, state['model'], state['optimizer'], data.train_iter.get_state(),
-              {'config': config.to_dict()})
-    last_saved = step
+    checkpoints = _Checkpoints(ckpt, every=config.checkpoint.every, end_step=end_step,
+                               last_saved=start_step if restored else None,
+                               data_iter=data.train_iter, config=config)
+    throughput = _Throughput(t.batch_size * t.seq_len, fpt['train'], mesh.devices.size, peak)
+    progress = metrics_lib.Progress(t.steps, start_step, enabled=is_main and t.progress)
+    reporter = _StepReporter(writer, progress, throughput, checkpoints)
+    with contextlib.closing(progress):
+      state, step, stop, last_val = _train_steps(
+          state, start_step, end_step=end_step, train_step=program.train_step,
+          train_iter=data.train_iter, batch_sharding=bsh, reporter=reporter,
+          evaluator=evaluator, checkpoints=checkpoints)
+    if stop:
+      say(f'{stop}: saved a checkpoint at step {step}; run the same command to resume.')
+    writer.flush()
+    png = (metrics_lib.plot_loss_curve(writer.jsonl_path, writer.png_path, title) if is_main
+           else None)
 
-  stop = None
-  with _StopSignal() as signals:
-    try:
-      while step < end_step:
-        host_batch = next(data.train_iter)
-        state, metrics = train_step(state, device_batch(host_batch, bsh))
-        step += 1
-        drain()  # step - 1's metrics, read while step runs
-        pending = _Pending(step, metrics)
-        if _stop_requested(signals, step):
-          stop = signals.received or 'signal on another process'
-          break
-        if do_eval and (step % config.eval.every == 0 or step == end_step):
-          drain()
-          timing['t_prev'] = None  # evaluation time is not training throughput
-          history['last_val'] = ev = run_eval(step)
-          progress.write(f'step {step}: val loss {ev["loss"]:.4f} (ppl {ev["perplexity"]:.2f}), '
-                         f'train loss {last_train.get("loss", float("nan")):.4f}')
-        if step % config.checkpoint.every == 0 or step == end_step:
-          drain()  # only checkpoints whose every step had a finite loss
-          save(step)
-          timing['t_prev'] = None
-      drain()
-      if stop:
-        save(step)
-    except NonFiniteLossError:
-      progress.close()
-      ckpt.close()
-      writer.close()
-      raise
-    finally:
-      progress.close()
-  if stop:
-    say(f'{stop}: saved a checkpoint at step {step}; run the same command to resume.')
-  ckpt.close()
-  writer.flush()
-  png = metrics_lib.plot_loss_curve(writer.jsonl_path, writer.png_path, title) if is_main else None
-  writer.close()
-
-  if history['last_val'] is None and is_main:  # nothing left to train: report the saved one
-    last = [r for r in metrics_lib.read_jsonl(writer.jsonl_path)
-            if r.get('split') == 'val' and r.get('step') == step]
-    history['last_val'] = last[-1] if last else None
-  wall = time.time() - t_start
-  steady_tps = (timing['steps'] * tokens_per_step / timing['seconds']
-                if timing['seconds'] > 0 else None)
+  if last_val is None and is_main:  # nothing left to train: report the saved one
+    last_val = _val_record(writer.jsonl_path, step, last=True)
+  steady_tps = throughput.steady
   summary = dict(
       workdir=workdir, start_step=start_step, step=step, steps=t.steps, stopped_by=stop,
-      wall_seconds=wall, params=n_params,
-      first_val_loss=history['first_val']['loss'] if history['first_val'] else None,
-      final_val_loss=history['last_val']['loss'] if history['last_val'] else None,
-      final_train_loss=last_train.get('loss'), tokens_per_s=steady_tps,
-      tflops_per_device=(flops_lib.throughput(steady_tps, fpt['train'], mesh.devices.size,
-                                              peak)['tflops_per_device']
-                         if steady_tps else None),
+      wall_seconds=time.time() - t_start, params=n_params,
+      first_val_loss=first_val['loss'] if first_val else None,
+      final_val_loss=last_val['loss'] if last_val else None,
+      final_train_loss=reporter.last.get('loss'), tokens_per_s=steady_tps,
+      tflops_per_device=throughput.rates(steady_tps)['tflops_per_device'] if steady_tps else None,
       checkpoints=ckpt.directory, checkpoint_steps=ckpt.all_steps() if is_main else None,
       metrics=writer.jsonl_path, tensorboard=writer.tb_dir, loss_curve=png,
       config=config_path, tokenizer=os.path.join(workdir, ckpt_lib.TOKENIZER_DIR),

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import cpu_decode
+from plt_jax.kernels import cpu_decode
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != 'cpu' or shutil.which('g++') is None and shutil.which('c++') is None,
@@ -162,7 +162,7 @@ def test_rejects_other_dtypes():
 
 def test_first_use_registers_the_kernel():
   """A fresh process whose first kernel call is decode attention (xdist workers, users) works."""
-  code = ('import jax, numpy as np; from kernels import cpu_decode; '
+  code = ('import jax, numpy as np; from plt_jax.kernels import cpu_decode; '
           'o = np.ones((1, 1, 2, 4), np.float32); c = np.zeros((1, 3, 1, 4), np.float32); '
           'y, k, v = jax.jit(cpu_decode.decode_attention)(o, o[:, :, :1], 2 * o[:, :, :1], '
           'np.array([0], np.int32), c, c); print(float(np.asarray(y).sum()), float(k.sum()))')

@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from plt_jax import attention as attn
 from plt_jax import decode
 from plt_jax.config import ModelConfig
 from plt_jax.decode import Decoder, cache_nbytes, init_cache, kv_cache_bytes
 from plt_jax.generate import Generator, SamplingParams, sample_logits
 from plt_jax.model import PLT
+from plt_jax.runtime import Runtime
 
 TINY = dict(vocab_size=97, d_model=48, num_layers=2, num_heads=6, num_kv_heads=2, ffn_dim=80,
             window_size=3, rope_theta=10_000.0, max_seq_len=64)
@@ -114,6 +116,7 @@ CONFIGS = [
     # On CPU 'auto' runs these batches' few-row products (B*R <= 8) through kernels/cpu_rows.py
     # and each layer's cached attention through kernels/cpu_decode.py; the accelerator paths
     # ('stacked' rows, 'xla' attention), 'per_row' and 'kernel' beyond 8 rows are checked too.
+    # (Attention 'cpu' is the kernel, strictly.)
     (3, 'plt', 'hidden', True, 'per_row'),
     (3, 'plt', 'hidden', True, 'stacked'),
     (4, 'plt', 'query', True, 'stacked'),
@@ -121,6 +124,7 @@ CONFIGS = [
     (1, 'plt', 'hidden', True, 'auto', 'xla'),
     (2, 'plt', 'query', True, 'auto', 'xla'),
     (4, 'plt', 'hidden', False, 'stacked', 'xla'),
+    (2, 'plt', 'hidden', True, 'stacked', 'cpu'),
     (1, 'vanilla', 'hidden', True),
     (2, 'vanilla', 'hidden', True),
     (3, 'vanilla', 'hidden', True),
@@ -228,8 +232,7 @@ def test_plt_step_is_one_pass_of_r_rows(loop_mode):
     model = make(r, loop_mode)
     cache = init_cache(model.cfg, 2, 8)
     counts[r] = _count_dots(jax.make_jaxpr(
-        lambda c, t, m=model: decode.decode_step(m, c, t, row_matmul='stacked',
-                                                 attention='xla'))(
+        lambda c, t, m=model: decode.decode_step(m, c, t, Runtime(attn.XLA(), 'stacked')))(
             cache, jnp.zeros(2, jnp.int32)).jaxpr)
   if loop_mode == 'plt':
     assert counts[4] == counts[2]
@@ -245,7 +248,7 @@ def test_cpu_kernel_step_is_one_pass_of_r_rows():
     model = make(r)
     cache = init_cache(model.cfg, 2, 8)
     jaxpr = jax.make_jaxpr(lambda c, t, m=model: decode.decode_step(
-        m, c, t, row_matmul='kernel', attention='kernel'))(cache, jnp.zeros(2, jnp.int32)).jaxpr
+        m, c, t, Runtime(attn.CPU(), 'kernel')))(cache, jnp.zeros(2, jnp.int32)).jaxpr
     calls[r] = (_count_dots(jaxpr, 'ffi_call', 'plt_rows_matmul'),
                 _count_dots(jaxpr, 'ffi_call', 'plt_decode_attention'))
   layers = make(2).cfg.num_layers

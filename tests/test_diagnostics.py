@@ -138,3 +138,19 @@ def test_trained_model_metrics_finite_and_shaped(num_loops, loop_mode, tmp_path)
   saved = json.loads((tmp_path / 'diagnostics.json').read_text())
   assert saved['alignment'][0] is None and saved['step_size'] == pytest.approx(res['step_size'])
   assert 'step_size' in dg.format_table(res)
+
+
+def test_last_loop_lens_nll_is_the_training_loss():
+  """The logit lens of loop R reads the model's own logits: its NLL is the training loss."""
+  from plt_jax import train
+  model = PLT(ModelConfig(**CFG, num_loops=2), nnx.Rngs(3))
+  batches = _batches(n=2, seed=4)
+  sums = dg.accumulate(model, batches)
+  nats = sum(float(train.loss_sums(model, {k: jnp.asarray(v) for k, v in b.items()})[0])
+             for b in batches)
+  tokens = sum(float(b['loss_mask'].sum()) for b in batches)
+  assert float(sums['count_lens']) == tokens == 2 * 2 * 15
+  assert float(sums['lens_nll'][-1]) == pytest.approx(nats, rel=1e-5)
+  assert float(sums['lens_nll'][0]) != pytest.approx(nats, rel=1e-3)  # loop 1 is another lens
+  res = dg.finalize(sums)
+  assert res['lens_perplexity'][-1] == pytest.approx(math.exp(nats / tokens), rel=1e-5)

@@ -17,8 +17,9 @@ from flax import nnx
 from plt_jax import attention as attn
 from plt_jax.config import ModelConfig
 from plt_jax.model import PLT
-from kernels import cudnn, gswa_tpu, ops
-from kernels.common import KernelConfig, kv_block_bounds, q_block_bounds
+from plt_jax.runtime import Runtime
+from plt_jax.kernels import cudnn, gswa_tpu, ops
+from plt_jax.kernels.common import KernelConfig, kv_block_bounds, q_block_bounds
 
 BK = 8
 CFG = KernelConfig(BK, BK, BK, BK)
@@ -219,10 +220,12 @@ def test_visited_tables_tpu_and_bounds():
 
 
 # ------------------------------------------------------------------------------------------------
-def test_registry_and_cudnn_baseline():
-  assert attn.get_impl('pallas').name == 'pallas'
-  assert attn.get_impl('cudnn').name == 'cudnn'
-  assert attn.get_impl('auto').name == 'xla'  # CPU
+def test_backends_and_cudnn_baseline():
+  assert attn.get_backend('pallas').name == 'pallas'
+  assert attn.get_backend('cudnn').name == 'cudnn'
+  assert attn.get_backend('auto') == attn.CPU(strict=False)  # CPU: the reference + decode kernel
+  with pytest.raises(ValueError, match='unknown'):
+    attn.get_backend('flash')
   # The cuDNN baseline's window / GQA / packing mapping (its XLA implementation on CPU).
   args, seg, _ = make_inputs(7, 2, 29, 4, 2, 16, jnp.float32, True)
 
@@ -283,25 +286,22 @@ def test_model_drop_in():
   # Both graphdefs from abstract builds (no eager init); random parameters from numpy, norms
   # around 1, everything else (gate included) far from its init.
   cfg = ModelConfig(**base, attention_impl='xla')
-  graphdef_x, abstract = nnx.split(nnx.eval_shape(lambda: PLT(cfg, nnx.Rngs(0))))
-  graphdef_p, _ = nnx.split(nnx.eval_shape(
-      lambda: PLT(cfg.replace(attention_impl='pallas'), nnx.Rngs(0))))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: PLT(cfg, nnx.Rngs(0))))
   rng = np.random.default_rng(3)
   params = jax.tree.map_with_path(
       lambda path, l: jnp.asarray(('norm' in jax.tree_util.keystr(path)) + 0.3 * rng.standard_normal(
           l.shape, np.float32)), abstract)
 
-  def loss_and_grads(graphdef):
+  def loss_and_grads(rt):
     def f(params):
-      logits = nnx.merge(graphdef, params)(tok, pos, seg)
+      logits = nnx.merge(graphdef, params)(tok, pos, seg, runtime=rt)
       logp = jax.nn.log_softmax(logits[:, :-1])
       return -jnp.mean(jnp.take_along_axis(logp, tok[:, 1:, None], -1))
 
-    with ops.defaults(config=CFG, backend='triton', interpret=True):
-      return jit(jax.value_and_grad(f))(params)
+    return jit(jax.value_and_grad(f))(params)
 
-  loss_x, grads_x = loss_and_grads(graphdef_x)
-  loss_p, grads_p = loss_and_grads(graphdef_p)
+  loss_x, grads_x = loss_and_grads(Runtime.for_model(cfg))
+  loss_p, grads_p = loss_and_grads(Runtime(attn.Pallas(CFG, 'triton', True)))
   np.testing.assert_allclose(loss_p, loss_x, rtol=1e-6)
   flat_x = jax.tree.leaves(grads_x)
   flat_p = jax.tree.leaves(grads_p)
@@ -313,17 +313,17 @@ def test_model_drop_in():
 
 
 def test_sharded_mesh_runs_per_shard():
-  """Under the model's activation sharding (data x fsdp x tensor = 2x2x2 fake CPU devices) the
-  kernels run per shard through shard_map (no gathers) and still match the reference."""
+  """With the model's sharding (data x fsdp x tensor = 2x2x2 fake CPU devices) the Pallas
+  backend runs per shard through shard_map (no gathers) and still matches the reference."""
   from plt_jax import sharding as sh  # pylint: disable=import-outside-toplevel
   if jax.device_count() < 8:
     pytest.skip('needs 8 (fake) devices')
-  mesh = sh.make_mesh(2, 2, 2)
+  shd = sh.ShardingConfig(sh.make_mesh(2, 2, 2))
   args, seg, cot = make_inputs(11, 4, 29, 4, 2, 16, jnp.float32, True)
+  backend = attn.Pallas(CFG, 'triton', True)
 
   def loss(args, seg, cot):
-    with sh.activation_sharding(mesh):
-      out = ops.gswa(*args, seg, window=5, backend='triton', config=CFG, interpret=True)
+    out = backend.gswa(*args, seg, window=5, sharding=shd)
     return jnp.sum(out * cot), out
 
   f = jit(jax.grad(loss, has_aux=True))

@@ -138,7 +138,8 @@ def test_loss_is_masked_next_token_cross_entropy():
   batch = random_batch()
   logits = 4.0 * np.random.default_rng(2).normal(size=(*batch['inputs'].shape, VOCAB))
 
-  def model(inputs, positions, segment_ids):  # stands in for the PLT: fixed random logits
+  def model(inputs, positions, segment_ids, runtime=None):  # stands in for the PLT
+    assert runtime is None  # loss_sums passes its runtime through
     assert inputs is batch['inputs'] and positions is batch['positions']
     assert segment_ids is batch['segment_ids']
     return jnp.asarray(logits, jnp.float32)
@@ -273,35 +274,58 @@ def test_run_writes_every_output(overfit_run):
   assert float(nll[0, 10:].mean()) < 0.3        # the restored weights are the trained ones
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(repeated_text_dir, tmp_path,
-                                                           monkeypatch):
-  """A NaN in step 13's batch: the run stops naming step 13; checkpoint 10 is kept and finite."""
+class TamperedIter:
+  """The train iterator, with batch number `at` (1-based) passed through `fn`."""
+
+  def __init__(self, it, at, fn):
+    self.it, self.at, self.fn, self.n = it, at, fn, 0
+
+  def __next__(self):
+    b = dict(next(self.it))
+    self.n += 1
+    return self.fn(b) if self.n == self.at else b
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, s):
+    return self.it.set_state(s)
+
+
+def tamper_train_batch(monkeypatch, at, fn):
   from plt_jax import data as data_lib
   real_build = data_lib.build_data
 
-  class Poisoned:
-    def __init__(self, it):
-      self.it, self.n = it, 0
-
-    def __next__(self):
-      b = dict(next(self.it))
-      self.n += 1
-      if self.n == 13:
-        b['loss_mask'] = b['loss_mask'] * np.float32('nan')
-      return b
-
-    def get_state(self):
-      return self.it.get_state()
-
-    def set_state(self, s):
-      return self.it.set_state(s)
-
   def build(*a, **k):
     bundle = real_build(*a, **k)
-    bundle.train_iter = Poisoned(bundle.train_iter)
+    bundle.train_iter = TamperedIter(bundle.train_iter, at, fn)
     return bundle
 
   monkeypatch.setattr(data_lib, 'build_data', build)
+
+
+def poison(b):
+  b['loss_mask'] = b['loss_mask'] * np.float32('nan')
+  return b
+
+
+@pytest.fixture
+def closes(monkeypatch):
+  """Counts close() of every checkpointer, metrics writer and progress bar (the real one runs)."""
+  counts = {}
+  for name, cls in (('checkpointer', ckpt_lib.Checkpointer),
+                    ('writer', metrics_lib.MetricsWriter), ('progress', metrics_lib.Progress)):
+    def close(self, _real=cls.close, _name=name):
+      counts[_name] = counts.get(_name, 0) + 1
+      return _real(self)
+    monkeypatch.setattr(cls, 'close', close)
+  return counts
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(repeated_text_dir, tmp_path,
+                                                           monkeypatch):
+  """A NaN in step 13's batch: the run stops naming step 13; checkpoint 10 is kept and finite."""
+  tamper_train_batch(monkeypatch, 13, poison)
   with pytest.raises(train.NonFiniteLossError, match=r'step 13: loss=nan.*checkpoint is step 10'):
     train.train_and_evaluate(overfit_config(repeated_text_dir), str(tmp_path))
   ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'checkpoints'), read_only=True)
@@ -311,6 +335,69 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(repeated_text_dir, tm
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(nnx.state(model)))
   records = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
   assert max(r['step'] for r in records if r['split'] == 'train') == 12
+
+
+def test_nan_loss_before_any_checkpoint_says_none_was_saved(repeated_text_dir, tmp_path,
+                                                            monkeypatch, closes):
+  tamper_train_batch(monkeypatch, 3, poison)
+  with pytest.raises(train.NonFiniteLossError) as err:
+    train.train_and_evaluate(overfit_config(repeated_text_dir), str(tmp_path))
+  msg = str(err.value)
+  assert msg.startswith('non-finite training loss at step 3: loss=nan'), msg
+  assert (f'Training stopped; no checkpoint was saved yet in {tmp_path / "checkpoints"}, so '
+          'running again starts from step 0. Lower optimizer.peak_lr') in msg, msg
+  assert 'None' not in msg and 'last good checkpoint' not in msg, msg
+  assert closes == {'checkpointer': 1, 'writer': 1, 'progress': 1}
+  records = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert [r['step'] for r in records if r['split'] == 'train'] == [1, 2]
+  assert os.listdir(tmp_path / 'checkpoints') == []
+
+
+class Boom(RuntimeError):
+  pass
+
+
+def explode_in_data(monkeypatch):
+  """Step 11's batch fails: the checkpoint of step 10 was just handed to the async writer."""
+  def fn(b):
+    raise Boom('the data source went away at batch 11')
+  tamper_train_batch(monkeypatch, 11, fn)
+  return 10, [10], list(range(1, 11))
+
+
+def explode_in_eval(monkeypatch):
+  """The evaluation at step 30 fails (the one at step 0 runs); checkpoints 10 and 20 exist."""
+  real, calls = train.evaluate, []
+
+  def evaluate(*a, **k):
+    calls.append(1)
+    if len(calls) == 2:
+      raise Boom('evaluation failed at step 30')
+    return real(*a, **k)
+
+  monkeypatch.setattr(train, 'evaluate', evaluate)
+  return 20, [10, 20], list(range(1, 31))
+
+
+@pytest.mark.parametrize('explode', [explode_in_data, explode_in_eval])
+def test_any_error_still_closes_the_checkpointer_and_the_writers(
+    explode, repeated_text_dir, tmp_path, monkeypatch, closes):
+  """Not only a NaN: every error closes the outputs, and the save in flight completes."""
+  last, steps, train_steps = explode(monkeypatch)
+  with pytest.raises(Boom):
+    train.train_and_evaluate(overfit_config(repeated_text_dir), str(tmp_path))
+  assert closes == {'checkpointer': 1, 'writer': 1, 'progress': 1}
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == [str(s) for s in steps]  # no tmp dirs
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'checkpoints'), read_only=True)
+  assert ckpt.all_steps() == steps
+  assert ckpt.restore(last, meta=True)['meta']['step'] == last
+  ckpt.close()
+  model, cfg, _ = ckpt_lib.load_for_inference(str(tmp_path))
+  assert cfg.train.steps == STEPS
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(nnx.state(model)))
+  records = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert [r['step'] for r in records if r['split'] == 'train'] == train_steps
+  assert [r['step'] for r in records if r['split'] == 'val'] == [0]
 
 
 # ---------------------------------------------------------------------------- entry point

@@ -50,7 +50,6 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import importlib
 import json
 import math
 import os
@@ -207,7 +206,8 @@ def _analysis(compiled) -> dict:
 
 def _train_config(loops: int, preset: str, impl: Optional[str], dry: bool):
   """The experiment config of configs/r{loops}.py:{preset}, bf16; tiny model for the dry run."""
-  config = importlib.import_module(f'configs.r{loops}').get_config(preset)
+  from plt_jax import presets  # pylint: disable=import-outside-toplevel
+  config = presets.get_config(preset, num_loops=loops)
   config.model.dtype = 'bfloat16'
   if impl:
     config.model.attention_impl = impl
@@ -375,13 +375,14 @@ def step_attention(args, sink: Sink) -> bool:
 def step_decode(args, sink: Sink) -> bool:
   """experiments.bench_decode on the XLA stacked path, one batch size at a time."""
   from experiments import bench_decode as bench  # pylint: disable=import-outside-toplevel
+  from plt_jax import decode_bench  # pylint: disable=import-outside-toplevel
   batches = [1, 2] if args.dry_run else _csv_ints(args.decode_batches)
   # bench_decode's own ratios name plain 'plt'/'vanilla' runs: ours come from decode_ratios.
-  sink.data.update(results=[], modes=list(DECODE_MODES), targets_batch1=dict(bench.TARGETS))
+  sink.data.update(results=[], modes=list(DECODE_MODES), targets_batch1=dict(decode_bench.TARGETS))
   for batch in batches:
     argv = ['--modes', ','.join(DECODE_MODES), '--loops', args.decode_loops,
             '--batch_sizes', str(batch), '--dtype', args.decode_dtype]
-    out = bench.run(bench.parse_args(argv + (['--small'] if args.dry_run else [])))
+    out = decode_bench.run(bench.parse_args(argv + (['--small'] if args.dry_run else [])))
     sink.data['model'] = out['model']
     sink.data['results'].extend(out['results'])
     sink.data['ratios'] = decode_ratios(sink.data['results'])

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from plt_jax import attention as attn
-from kernels import ops
-from kernels.common import KernelConfig
+from plt_jax.kernels import ops
+from plt_jax.kernels.common import KernelConfig
 try:
   from device_check import Sink, env_info, one_line  # run as a script, beside it
 except ImportError:

@@ -30,6 +30,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from plt_jax import metrics as metrics_lib
+
 Batch = dict
 
 
@@ -54,7 +56,7 @@ class PerplexityResult:
 
   @property
   def bits_per_byte(self) -> float:
-    return self.nll_nats / math.log(2) / self.bytes if self.bytes else float('nan')
+    return metrics_lib.bits_per_byte(self.nll_nats, self.bytes)
 
   def to_json(self) -> dict:
     return dict(bits_per_byte=self.bits_per_byte, token_perplexity=self.token_perplexity,
@@ -64,22 +66,25 @@ class PerplexityResult:
 
 # ----------------------------------------------------------------------------- the model
 
-def make_nll_fn(model) -> Callable[[Batch], np.ndarray]:
+def make_nll_fn(model, *, sharding=None) -> Callable[[Batch], np.ndarray]:
   """batch (inputs, targets, positions, segment_ids) -> next-token NLL [B, S] float32 (host).
 
-  One jitted forward, reused for every batch of the same shape.
+  One jitted forward, reused for every batch of the same shape. sharding: a
+  `plt_jax.sharding.ShardingConfig` to run on a mesh (activation constraints and per-shard
+  kernels); None: one device.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from plt_jax.runtime import Runtime  # pylint: disable=g-import-not-at-top
 
   graphdef, state = nnx.split(model)
+  rt = Runtime.for_model(model.cfg, sharding=sharding)
 
   @jax.jit
   def nll(state, inputs, targets, positions, segment_ids):
-    logits = nnx.merge(graphdef, state)(inputs, positions, segment_ids)
-    gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - gold
+    logits = nnx.merge(graphdef, state)(inputs, positions, segment_ids, runtime=rt)
+    return metrics_lib.next_token_nll(logits, targets)
 
   def fn(batch: Batch) -> np.ndarray:
     return np.asarray(nll(state, *(jnp.asarray(batch[k]) for k in

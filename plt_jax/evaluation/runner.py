@@ -12,61 +12,6 @@ import sys
 from typing import Any, Optional
 
 
-
-# ------------------------------------------------------------------------------ loading
-
-def complete_steps(workdir: str) -> list[int]:
-  """Finished checkpoint steps (Orbax writes unfinished ones under a temporary name)."""
-  from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  d = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
-  if not os.path.isdir(d):
-    return []
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n)))
-
-
-def load_model(workdir: Optional[str] = None, hf_dir: Optional[str] = None,
-               step: Optional[int] = None, dtype: Optional[str] = None):
-  """(model, tokenizer, config or None, info). info identifies the weights (for resume checks)."""
-  from plt_jax.model import param_count  # pylint: disable=g-import-not-at-top
-  if hf_dir:
-    from plt_jax.hf import load_hf_checkpoint  # pylint: disable=g-import-not-at-top
-    hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
-    model, tokenizer = load_hf_checkpoint(hf_dir, dtype=dtype or 'float32')
-    if tokenizer is None:
-      raise ValueError(f'{hf_dir} has no tokenizer.json; evaluation needs the tokenizer')
-    info = dict(source='hf', path=hf_dir, step=None)
-    config = None
-  elif workdir:
-    from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    if step is None:
-      steps = complete_steps(workdir)
-      if not steps:
-        raise FileNotFoundError(f'no complete checkpoint in {workdir}')
-      step = steps[-1]
-    model, config, tokenizer = ckpt_lib.load_for_inference(workdir, step=step)
-    if dtype and dtype != model.cfg.dtype:
-      model = _with_dtype(model, dtype)
-    info = dict(source='workdir', path=workdir, step=int(step))
-  else:
-    raise ValueError('give --workdir (a training run) or --hf_dir (a Hugging Face checkpoint)')
-  c = model.cfg
-  info.update(params=int(param_count(model)), num_loops=c.num_loops, loop_mode=c.loop_mode,
-              dtype=c.dtype, vocab_size=c.vocab_size, max_seq_len=c.max_seq_len)
-  return model, tokenizer, config, info
-
-
-def _with_dtype(model, dtype: str):
-  """The same weights in a model whose compute dtype is `dtype`."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from plt_jax.model import PLT  # pylint: disable=g-import-not-at-top
-  cfg = model.cfg.replace(dtype=dtype)
-  target = nnx.eval_shape(lambda: PLT(cfg, nnx.Rngs(0)))
-  graphdef, _ = nnx.split(target)
-  _, state = nnx.split(model)
-  return nnx.merge(graphdef, state)
-
-
 def _tag(info: dict) -> str:
   return f'step{info["step"]}' if info['step'] is not None else 'hf'
 
@@ -122,6 +67,7 @@ def run_perplexity(model, tokenizer, info: dict, *, out_path: str, config=None,
                    workdir: Optional[str] = None, files=(), seq_len: int = 0,
                    eval_batches: int = -1, batch_size: int = 0,
                    progress: bool = True) -> dict[str, Any]:
+  from plt_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from plt_jax.evaluation import perplexity  # pylint: disable=g-import-not-at-top
   out: dict[str, Any] = dict(suite='perplexity', model=info)
   if files:
@@ -158,7 +104,7 @@ def run_perplexity(model, tokenizer, info: dict, *, out_path: str, config=None,
     # per-token count must agree exactly.
     out['bytes_from_tokens'] = result.bytes
     out['bytes'] = out['text_bytes']
-    out['bits_per_byte'] = result.nll_nats / 0.6931471805599453 / out['text_bytes']
+    out['bits_per_byte'] = metrics_lib.bits_per_byte(result.nll_nats, out['text_bytes'])
     out['byte_counts_agree'] = result.bytes == out['text_bytes']
   else:
     out['byte_counts_agree'] = result.bytes == out['data_stats'].get('val_eval_bytes')
@@ -186,7 +132,16 @@ def run(suite: str, *, workdir: Optional[str] = None, hf_dir: Optional[str] = No
     check_sandbox(**{k: humaneval_kwargs[k] for k in (
         'timeout', 'memory_mb', 'nproc', 'allow_weaker_isolation', 'sandbox_kwargs')
         if k in humaneval_kwargs})
-  model, tokenizer, config, info = load_model(workdir, hf_dir, step, dtype)
+  if not (hf_dir or workdir):
+    raise ValueError('give --workdir (a training run) or --hf_dir (a Hugging Face checkpoint)')
+  from plt_jax import loading  # pylint: disable=g-import-not-at-top
+  # --hf_dir names the model when both are given; --workdir may still supply the val split.
+  source, path = ('hf', hf_dir) if hf_dir else ('workdir', workdir)
+  loaded = loading.load_model(path, source=source, step=step, dtype=dtype)
+  if loaded.tokenizer is None:
+    raise ValueError(f'{loaded.info["path"]} has no tokenizer.json; evaluation needs the '
+                     'tokenizer')
+  model, tokenizer, config, info = loaded.model, loaded.tokenizer, loaded.config, loaded.info
   if config is None and workdir and not files:  # an HF model scored on a run's val split
     from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     config = ckpt_lib.load_config(os.path.abspath(os.path.expanduser(workdir)))

@@ -79,7 +79,7 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     out[p + 'self_attn.k_proj.weight'] = (k * e, d)
     out[p + 'self_attn.v_proj.weight'] = (k * e, d)
     out[p + 'self_attn.o_proj.weight'] = (d, h * e)
-    if cfg.loop_mode == 'plt' and cfg.num_loops > 1:
+    if cfg.plt_uses_gswa:
       if cfg.gate_mode == 'hidden':
         out[p + 'self_attn.plt_gate.weight'] = (h, d)
         out[p + 'self_attn.plt_gate.gate_norm.weight'] = (d,)

@@ -208,11 +208,11 @@ def save_as_workdir(model, tokenizer, workdir: str, config, *, source: str = '',
 
 def import_as_workdir(hf_dir: str, workdir: str, *, preset: str = 'default', dtype=None) -> str:
   """Loads `hf_dir` and saves it as a training work dir; returns the work dir."""
-  from configs import base  # pylint: disable=g-import-not-at-top
   from plt_jax import hf  # pylint: disable=g-import-not-at-top
+  from plt_jax import presets  # pylint: disable=g-import-not-at-top
 
   hf_cfg = hf.read_hf_config(os.path.expanduser(hf_dir))
-  config = base.get_config(preset, num_loops=int(hf_cfg.get('plt_num_loops') or 1))
+  config = presets.get_config(preset, num_loops=int(hf_cfg.get('plt_num_loops') or 1))
   runtime = {k: config.model[k] for k in ('dtype', 'remat', 'attention_impl')}
   if dtype is not None:
     runtime['dtype'] = hf.convert.canonical_dtype(dtype)

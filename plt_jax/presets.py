@@ -1,0 +1,162 @@
+"""Experiment-config presets: the ml_collections ConfigDicts that training and the sweep read.
+
+  get_config(preset='default', *, num_loops=2)   one pretraining run
+  r1(preset=None) .. r4(preset=None)             the same with num_loops = 1 .. 4
+  sweep_config(preset='default')                 the loop-count sweep (experiments.sweep)
+
+Presets: 'default' (trains on a 2-core CPU in about ten minutes), '125m', '1b', '7b' (the
+LoopCoder-V2 release shape). The model shapes come from `plt_jax.config.PRESETS`; this module adds
+the training, data, mesh, checkpoint and eval settings around them.
+
+The files in the repository's `configs/` call these functions, so any field can be overridden on
+the command line, e.g. `--config=configs/r2.py:125m --config.model.num_loops=4
+--config.train.steps=1000`. From Python, override the returned ConfigDict:
+
+  from plt_jax import presets
+  config = presets.get_config('125m', num_loops=2)
+  config.train.steps = 1000
+
+Sections: model (plt_jax.config.ModelConfig), data (plt_jax.data), train, optimizer
+(plt_jax.optimizer), mesh, checkpoint, eval; the sweep config adds sweep.
+
+The sweep trains R = 1, 2, 3, 4 and the vanilla looped baseline at R = 2 with identical data,
+seed, token budget and shared-layer size, then evaluates, diagnoses and decode-benchmarks each.
+Its presets: 'default' (this 2-core CPU: 38.4 minutes measured, quiet machine), '125m', '1b'
+(accelerators). Override e.g. --config.sweep.variants=r1,r2 --config.train.steps=500.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import ml_collections
+
+from plt_jax.config import ModelConfig, PRESETS
+from plt_jax.data import default_data_config
+from plt_jax.optimizer import default_optimizer_config
+
+# Per-preset training settings. 'default' is sized for the 2-core CPU; the others are
+# starting points for accelerators (global batch in rows of seq_len tokens).
+TRAIN_PRESETS = {
+    'default': dict(steps=200, batch_size=16, seq_len=128, eval_every=40, ckpt_every=50,
+                    peak_lr=3e-3),
+    '125m': dict(steps=20_000, batch_size=256, seq_len=2048, eval_every=1000, ckpt_every=1000,
+                 peak_lr=6e-4),
+    '1b': dict(steps=50_000, batch_size=512, seq_len=4096, eval_every=2000, ckpt_every=1000,
+               peak_lr=4e-4),
+    '7b': dict(steps=100_000, batch_size=1024, seq_len=4096, eval_every=2000, ckpt_every=500,
+               peak_lr=4e-4),
+}
+
+# The sweep's changes to TRAIN_PRESETS (presets not listed train as a single run would).
+SWEEP_TRAIN = {
+    # Smaller than a single default run so that all five variants fit in ~45 CPU minutes (150
+    # steps took an estimated 45-50 on a quiet machine; 120 took 38.4 measured).
+    'default': dict(steps=120, batch_size=16, seq_len=256, eval_every=40, ckpt_every=40),
+}
+
+
+def model_config(preset: str, num_loops: int) -> ml_collections.ConfigDict:
+  """The model section of `preset` with `num_loops` loops, validated by ModelConfig."""
+  if preset not in PRESETS:
+    raise ValueError(f'unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
+  fields = ModelConfig().to_dict()
+  fields.update(PRESETS[preset])
+  fields['num_loops'] = num_loops
+  if preset != 'default':
+    fields.update(dtype='bfloat16', remat='dots_no_batch', attention_impl='auto')
+  ModelConfig.from_dict(fields)  # validate early
+  return ml_collections.ConfigDict(fields)
+
+
+def get_config(preset: Optional[str] = 'default', *,
+               num_loops: int = 2) -> ml_collections.ConfigDict:
+  """The full pretraining config of `preset` (None means 'default')."""
+  preset = preset or 'default'
+  if preset not in TRAIN_PRESETS:
+    raise ValueError(f'unknown preset {preset!r}; choose one of {sorted(TRAIN_PRESETS)}')
+  p = TRAIN_PRESETS[preset]
+  cfg = ml_collections.ConfigDict()
+  cfg.preset = preset
+  cfg.seed = 0
+  cfg.model = model_config(preset, num_loops)
+
+  cfg.data = default_data_config()
+  if preset == 'default':
+    cfg.data.vocab_size = 2048   # BPE on the stdlib; a small vocabulary learns fastest on a CPU
+  else:
+    # Real runs bring their corpus (--config.data.source=jsonl --config.data.paths=...) and
+    # usually a tokenizer (--config.data.tokenizer=hf --config.data.tokenizer_path=...).
+    cfg.data.max_chars = 0
+    cfg.data.vocab_size = cfg.model.vocab_size
+    cfg.data.val_batches = 16
+
+  cfg.train = ml_collections.ConfigDict(dict(
+      steps=p['steps'],
+      batch_size=p['batch_size'],          # global rows per optimizer step
+      seq_len=p['seq_len'],
+      grad_accum=1,                        # microbatches per step (same math as one batch)
+      # model.vocab_size := the tokenizer's size rounded up to vocab_multiple.
+      vocab_from_tokenizer=True,
+      vocab_multiple=128,
+      stop_at_step=-1,                     # stop early (and checkpoint) at this step; -1 = steps
+      peak_tflops_per_device=0.0,          # for MFU; 0 = look the device up
+      progress=True,                       # the progress bar
+  ))
+
+  cfg.optimizer = default_optimizer_config()
+  cfg.optimizer.peak_lr = p['peak_lr']
+
+  # Mesh axes; one may be -1 (fills the remaining devices). The batch splits over data x fsdp.
+  cfg.mesh = ml_collections.ConfigDict(dict(
+      data=-1 if preset == 'default' else 1,
+      fsdp=1 if preset == 'default' else -1,
+      tensor=1,
+      num_devices=-1))                     # use only the first n devices (single process)
+
+  cfg.checkpoint = ml_collections.ConfigDict(dict(
+      every=p['ckpt_every'], max_to_keep=3, async_save=True))
+
+  cfg.eval = ml_collections.ConfigDict(dict(
+      every=p['eval_every'],               # steps (0: never); batches: data.val_batches
+      at_start=True))                      # evaluate at step 0 (the starting loss)
+  return cfg
+
+
+def r1(preset: Optional[str] = None) -> ml_collections.ConfigDict:
+  """`get_config(preset, num_loops=1)`: R=1 is a standard Llama."""
+  return get_config(preset, num_loops=1)
+
+
+def r2(preset: Optional[str] = None) -> ml_collections.ConfigDict:
+  """`get_config(preset, num_loops=2)`."""
+  return get_config(preset, num_loops=2)
+
+
+def r3(preset: Optional[str] = None) -> ml_collections.ConfigDict:
+  """`get_config(preset, num_loops=3)`."""
+  return get_config(preset, num_loops=3)
+
+
+def r4(preset: Optional[str] = None) -> ml_collections.ConfigDict:
+  """`get_config(preset, num_loops=4)`."""
+  return get_config(preset, num_loops=4)
+
+
+def sweep_config(preset: Optional[str] = 'default') -> ml_collections.ConfigDict:
+  """The sweep's config: `get_config(preset, num_loops=2)`, SWEEP_TRAIN and a sweep section."""
+  preset = preset or 'default'
+  cfg = get_config(preset, num_loops=2)
+  for k, v in SWEEP_TRAIN.get(preset, {}).items():
+    if k == 'eval_every':
+      cfg.eval.every = v
+    elif k == 'ckpt_every':
+      cfg.checkpoint.every = v
+    else:
+      cfg.train[k] = v
+  cfg.sweep = ml_collections.ConfigDict(dict(
+      variants='r1,r2,r3,r4,vanilla2',  # rN = PLT with N loops, vanillaN = sequential baseline
+      diagnose_batches=4,               # held-out batches for the diagnostics
+      decode_prompt_len=64,             # decode latency: prompt tokens, then
+      decode_steps=48,                  # timed single-token steps at batch 1
+  ))
+  return cfg

@@ -1,0 +1,367 @@
+"""The installed distribution: only the plt_jax package, usable without the checkout.
+
+A wheel is built from a copy of the working tree and inspected; installed into a plain directory it
+must import (presets, kernels) from a process that cannot see the repository. The import graph of
+the sources must not reach configs/ or experiments/, must have no cycle, and plt_jax.kernels must
+stand on its own.
+"""
+import ast
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(REPO, 'plt_jax')
+HF_MODELING = ('plt_jax/hf/torch_src/modeling_plt.py', 'plt_jax/hf/torch_src/configuration_plt.py')
+CHECKOUT_ONLY = ('configs', 'experiments', 'kernels')   # top-level names the library must not use
+
+
+def _version() -> str:
+  with open(os.path.join(PKG, '__init__.py')) as f:
+    return re.search(r"^__version__ = '([^']+)'", f.read(), re.M).group(1)
+
+
+def _pip_env() -> dict:
+  # Offline: the build needs setuptools from this environment only.
+  return dict(os.environ, PIP_NO_INDEX='1', PIP_DISABLE_PIP_VERSION_CHECK='1',
+              PIP_NO_INPUT='1')
+
+
+def _copy_tree(dst: str) -> str:
+  """Copies the working tree without run outputs, build dirs and dot folders (.git, .venv)."""
+  def ignore(directory, names):
+    skip = {n for n in names if n in ('__pycache__', 'build', 'dist')
+            or n.endswith(('.pyc', '.egg-info'))}
+    if os.path.samefile(directory, REPO):
+      skip |= {n for n in names if n.startswith('.') or n in ('runs', 'workdirs')}
+    return skip
+  # Symlinks stay links (plt_jax/kernels -> ../kernels), as in a git clone.
+  shutil.copytree(REPO, dst, symlinks=True, ignore=ignore)
+  return dst
+
+
+@pytest.fixture(scope='module')
+def wheel(tmp_path_factory) -> str:
+  """A wheel of the working tree. It is built from a copy: setuptools' build/ keeps files of
+  earlier builds (which would end up in the wheel) and would be shared by concurrent runs."""
+  root = tmp_path_factory.mktemp('wheel')
+  src = _copy_tree(str(root / 'src'))
+  out = root / 'dist'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'pip', 'wheel', '.', '--no-deps', '--no-build-isolation',
+       '-w', str(out), '-q'],
+      cwd=src, env=_pip_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  wheels = sorted(out.glob('*.whl'))
+  assert len(wheels) == 1, wheels
+  return str(wheels[0])
+
+
+def _source_files() -> list:
+  """Files under plt_jax/, following the kernels symlink, as paths relative to the repo."""
+  found = []
+  for directory, dirs, files in os.walk(PKG, followlinks=True):
+    dirs[:] = sorted(d for d in dirs if d != '__pycache__')
+    for name in sorted(files):
+      if not name.endswith('.pyc'):
+        found.append(os.path.relpath(os.path.join(directory, name), REPO).replace(os.sep, '/'))
+  return found
+
+
+def test_wheel_holds_only_plt_jax(wheel):
+  dist_info = f'plt_jax-{_version()}.dist-info'
+  with zipfile.ZipFile(wheel) as zf:
+    names = zf.namelist()
+    top_level = zf.read(f'{dist_info}/top_level.txt').decode().split()
+  tops = collections.Counter(n.split('/')[0] + ('/' if '/' in n else '') for n in names)
+  assert set(tops) == {'plt_jax/', f'{dist_info}/'}, tops
+  assert top_level == ['plt_jax'], top_level
+  required = ['plt_jax/kernels/ops.py', 'plt_jax/kernels/cpu/rows_matmul.cc',
+              'plt_jax/presets.py', *HF_MODELING]
+  missing = [n for n in required if n not in names]
+  assert not missing, f'missing from the wheel: {missing}'
+  # Every source file the package reads: all modules, and the CPU kernels' C++ sources.
+  sources = [f for f in _source_files() if f.endswith(('.py', '.cc', '.h'))]
+  missing = [f for f in sources if f not in names]
+  assert not missing, f'in plt_jax/ but not in the wheel: {missing}'
+
+
+# Runs with -S: no site-packages .pth files, so the checkout's editable finder is not installed.
+_INSTALLED_CHECK = r'''
+import importlib, json, os, sys, traceback
+target, repo, deps = sys.argv[1], sys.argv[2], sys.argv[3:]
+out = {'meta_path': [type(f).__name__ for f in sys.meta_path]}
+
+def attempt(key, fn):
+  try:
+    out[key] = fn()
+  except Exception:
+    out[key] = 'ERROR ' + traceback.format_exc()
+
+def preset():
+  import plt_jax
+  from plt_jax import presets
+  from plt_jax.config import ModelConfig
+  out['plt_jax_file'] = plt_jax.__file__
+  cfg = presets.get_config('default', num_loops=2)
+  model = ModelConfig.from_dict(cfg.model)
+  return {'num_loops': model.num_loops, 'preset': cfg.preset,
+          'sweep_variants': presets.sweep_config().sweep.variants}
+
+def kernels():
+  import plt_jax.kernels
+  import plt_jax.kernels.masks
+  import plt_jax.kernels.ops
+  cpu = os.path.join(os.path.dirname(plt_jax.kernels.__file__), 'cpu')
+  return {'ops_file': plt_jax.kernels.ops.__file__, 'cpu_sources': sorted(os.listdir(cpu))}
+
+def checkout_only(name):
+  try:
+    module = importlib.import_module(name)
+  except ImportError:
+    return 'ImportError'
+  return 'imported from ' + str(getattr(module, '__file__', None) or list(module.__path__))
+
+def in_dir(path, directory):
+  return os.path.realpath(path).startswith(os.path.realpath(directory) + os.sep)
+
+attempt('preset', preset)
+attempt('kernels', kernels)
+out['checkout_only'] = {name: checkout_only(name) for name in ('configs', 'kernels', 'experiments')}
+# The dependencies' site-packages may lie inside the checkout (a .venv there): not the checkout.
+out['from_repo'] = sorted(
+    name for name, m in list(sys.modules.items())
+    if getattr(m, '__file__', None) and in_dir(m.__file__, repo)
+    and not any(in_dir(m.__file__, d) for d in deps))
+print('RESULT ' + json.dumps(out))
+'''
+
+
+def test_installed_wheel_works_without_the_checkout(wheel, tmp_path):
+  target = tmp_path / 'site'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-compile', '-q',
+       '--target', str(target), wheel],
+      env=_pip_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  # Dependencies come from this environment's site-packages, plt_jax only from the target.
+  deps = list(dict.fromkeys(sysconfig.get_paths()[k] for k in ('purelib', 'platlib')))
+  env = {k: v for k, v in os.environ.items() if not k.startswith('PYTHON')}
+  env.update(PYTHONPATH=os.pathsep.join([str(target)] + deps), JAX_PLATFORMS='cpu',
+             PYTHONDONTWRITEBYTECODE='1')
+  outside = tmp_path / 'elsewhere'
+  outside.mkdir()
+  proc = subprocess.run([sys.executable, '-S', '-c', _INSTALLED_CHECK, str(target), REPO, *deps],
+                        cwd=outside, env=env, capture_output=True, text=True, timeout=600)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
+  r = json.loads(lines[-1][len('RESULT '):])
+
+  assert not any('Editable' in f or 'editable' in f for f in r['meta_path']), r['meta_path']
+  assert r['from_repo'] == [], f'modules loaded from the checkout: {r["from_repo"]}'
+  assert not str(r['preset']).startswith('ERROR'), r['preset']
+  assert os.path.realpath(r['plt_jax_file']).startswith(os.path.realpath(target) + os.sep), r
+  assert r['preset'] == {'num_loops': 2, 'preset': 'default',
+                         'sweep_variants': 'r1,r2,r3,r4,vanilla2'}, r['preset']
+  assert r['checkout_only'] == {name: 'ImportError' for name in CHECKOUT_ONLY}, r['checkout_only']
+  assert not str(r['kernels']).startswith('ERROR'), r['kernels']
+  assert os.path.realpath(r['kernels']['ops_file']).startswith(os.path.realpath(target)), r
+  assert 'rows_matmul.cc' in r['kernels']['cpu_sources'], r['kernels']
+
+
+# ---------------------------------------------------------------------------------------------
+# The import graph of the sources.
+
+
+def _modules() -> dict:
+  """{module name: (path relative to the repo, is a package)} under plt_jax/."""
+  modules = {}
+  for rel in _source_files():
+    if not rel.endswith('.py'):
+      continue
+    parts = rel[:-len('.py')].split('/')
+    is_pkg = parts[-1] == '__init__'
+    if is_pkg:
+      parts = parts[:-1]
+    modules['.'.join(parts)] = (rel, is_pkg)
+  return modules
+
+
+def _constant_import(node):
+  """The module named by `importlib.import_module('x')` / `__import__('x')`, else None."""
+  if not isinstance(node, ast.Call) or not node.args:
+    return None
+  f = node.func
+  name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+  arg = node.args[0]
+  if name in ('import_module', '__import__') and isinstance(arg, ast.Constant) \
+      and isinstance(arg.value, str) and not arg.value.startswith('.'):
+    return arg.value
+  return None
+
+
+def _imports(name: str, rel: str, is_pkg: bool, modules: dict) -> list:
+  """[(target, is_attribute, line)] for every import in the file, at any depth.
+
+  `from P import x` names the module P.x where that is a module, else P itself (x is then an
+  attribute that P's __init__ must have defined)."""
+  with open(os.path.join(REPO, rel)) as f:
+    tree = ast.parse(f.read(), filename=rel)
+  package = name if is_pkg else name.rpartition('.')[0]
+  found = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      found += [(a.name, False, node.lineno) for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      if node.level:
+        base = package.split('.')
+        base = base[:len(base) - (node.level - 1)]
+        source = '.'.join(base + ([node.module] if node.module else []))
+      else:
+        source = node.module
+      if source == '__future__':
+        continue
+      inside = source.split('.')[0] in ('plt_jax', 'kernels')
+      for a in node.names:
+        sub = f'{source}.{a.name}'
+        top_kernels = source.split('.')[0] == 'kernels' and f'plt_jax.{sub}' in modules
+        if a.name != '*' and (sub in modules or top_kernels):
+          found.append((sub, False, node.lineno))
+        else:
+          found.append((source, inside, node.lineno))
+    else:
+      target = _constant_import(node)
+      if target:
+        found.append((target, False, node.lineno))
+  return sorted(found, key=lambda f: f[2])
+
+
+def _graph():
+  """(edges {importer: {imported: 'file:line'}}, checkout-only imports, modules).
+
+  A top-level `kernels` import counts as one of plt_jax.kernels, the same files.
+  Importing plt_jax.a.b runs plt_jax/__init__, plt_jax/a/__init__ and then b, so an edge goes to
+  each of them, except to the importer's own packages: those are already (being) initialised when
+  the importer runs and an import of them only looks them up in sys.modules. Importing a name
+  that is not a module from a package still depends on that package's __init__."""
+  modules = _modules()
+  edges = collections.defaultdict(dict)
+  checkout_only = []
+  for name, (rel, is_pkg) in sorted(modules.items()):
+    own = {'.'.join(name.split('.')[:i]) for i in range(1, name.count('.') + 2)}
+    for target, is_attribute, line in _imports(name, rel, is_pkg, modules):
+      where = f'{rel}:{line}'
+      top = target.split('.')[0]
+      if top in CHECKOUT_ONLY:
+        checkout_only.append(f'{where}: {name} imports {target}')
+      if top == 'kernels':   # the same files as plt_jax.kernels: an edge all the same
+        target = 'plt_jax.' + target
+      elif top != 'plt_jax':
+        continue
+      parts = target.split('.')
+      while '.'.join(parts) not in modules and len(parts) > 1:   # plt_jax.x.attr -> plt_jax.x
+        parts.pop()
+      resolved = '.'.join(parts)
+      chain = ['.'.join(parts[:i]) for i in range(1, len(parts) + 1)]
+      for dep in chain:
+        if dep == name or (dep in own and not (is_attribute and dep == resolved)):
+          continue
+        edges[name].setdefault(dep, where)
+  return edges, checkout_only, modules
+
+
+def _cycles(edges) -> list:
+  """The strongly connected components with more than one module (Tarjan), each as one cycle."""
+  index, low, stack, on_stack, sccs = {}, {}, [], set(), []
+
+  def visit(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in sorted(edges.get(v, {})):
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      scc = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        scc.append(w)
+        if w == v:
+          break
+      if len(scc) > 1:
+        sccs.append(set(scc))
+
+  for v in sorted(edges):
+    if v not in index:
+      visit(v)
+  cycles = []
+  for scc in sccs:
+    start = min(scc)
+    # The shortest way back to `start` inside the component (breadth first).
+    prev, queue, last = {start: None}, collections.deque([start]), None
+    while last is None:
+      v = queue.popleft()
+      if start in edges[v]:
+        last = v
+      for w in sorted(edges[v]):
+        if w in scc and w not in prev:
+          prev[w] = v
+          queue.append(w)
+    path = [last]
+    while prev[path[-1]] is not None:
+      path.append(prev[path[-1]])
+    path = path[::-1] + [start]
+    cycles.append(' -> '.join(f'{a} ({edges[a][b]})' for a, b in zip(path, path[1:]))
+                  + f' -> {start}')
+  return cycles
+
+
+def test_import_graph_library_never_imports_the_checkout():
+  edges, checkout_only, modules = _graph()
+  assert 'plt_jax.kernels' in modules and 'plt_jax.presets' in modules, sorted(modules)
+  checkout_only = list(dict.fromkeys(checkout_only))   # `from m import a, b` is one line
+  assert not checkout_only, 'imports of checkout-only packages:\n' + '\n'.join(checkout_only)
+
+
+def test_import_graph_has_no_cycle():
+  edges, _, _ = _graph()
+  cycles = _cycles(edges)
+  assert not cycles, 'import cycles (importer (file:line) -> imported):\n' + '\n'.join(cycles)
+
+
+def test_kernels_import_only_jax_numpy_stdlib_and_themselves():
+  modules = _modules()
+  allowed = set(sys.stdlib_module_names) | {'jax', 'jaxlib', 'numpy'}
+  bad = []
+  for name, (rel, is_pkg) in sorted(modules.items()):
+    if not (name == 'plt_jax.kernels' or name.startswith('plt_jax.kernels.')):
+      continue
+    for target, _, line in _imports(name, rel, is_pkg, modules):
+      inside = target == 'plt_jax.kernels' or target.startswith('plt_jax.kernels.')
+      if not inside and target.split('.')[0] not in allowed:
+        bad.append(f'{rel}:{line}: {name} imports {target}')
+  bad = list(dict.fromkeys(bad))   # `from m import a, b` is one line
+  assert not bad, 'plt_jax.kernels reaches outside itself:\n' + '\n'.join(bad)
+
+
+def test_import_graph_sees_lazy_and_relative_imports():
+  # The graph must not miss the imports it is meant to catch: function-level ones resolve,
+  # relative ones resolve against the package, and edges to a package go to its __init__.
+  edges, _, _ = _graph()
+  assert 'plt_jax.hf.convert' in edges['plt_jax.hf.importer']
+  assert 'plt_jax.presets' in edges['plt_jax.hf.importer']     # inside import_as_workdir
+  assert 'plt_jax.hf' not in edges['plt_jax.hf.importer']      # its own package
+  assert 'plt_jax.hf.torch_src.configuration_plt' in edges['plt_jax.hf.torch_src.modeling_plt']
+  assert 'plt_jax.presets' in edges['plt_jax']                 # the lazy attribute
