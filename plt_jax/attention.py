@@ -112,6 +112,82 @@ def reference_gswa(q, k_glob, v_glob, k_loc, v_loc, gate, segment_ids=None, *, w
 
 
 # ------------------------------------------------------------------------------------------------
+# Blockwise training attention: the CPU backend's form of `reference_causal` / `reference_gswa`.
+# Query rows are cut into blocks; a block computes logits only against the keys it can see (all
+# keys up to its last row; with a window, from W - 1 before its first row), so the logits past
+# the diagonal, and before the window, are never computed. Every row's keys lie in its block's
+# tile, so the softmax is exact (no online rescaling). In float32 it is normalised after the PV
+# product (a [rows, E] division instead of [rows, keys]). Its max is a constant under autodiff
+# (the softmax does not depend on it). The query heads sharing a kv head are folded into the
+# rows: one matmul per (batch, kv head) and tile.
+
+# Finite: a masked logit becomes exp(-1e30 - max) == 0; in training a row always sees its own key.
+_MASKED = -1e30
+
+
+def block_size(seq_len: int) -> int:
+  """Query rows per block: about a quarter of the sequence, a power of two in [32, 128]
+  (smaller tiles skip more masked keys, larger ones run faster matmuls)."""
+  return max(32, min(128, 1 << max(0, (max(seq_len // 4, 1) - 1).bit_length())))
+
+
+def _attend_block(q, k, v, q0: int, k0: int, window, q_seg, k_seg, scale: float):
+  """One query block. q [B, K, m, G, E]; k, v [B, K, t, E] -> float32 [B, K, m, G, E].
+  Rows sit at positions q0.., keys at k0.."""
+  b, kh, m, g, e = q.shape
+  t = k.shape[2]
+  s = jnp.einsum('bkrd,bktd->bkrt', q.reshape(b, kh, m * g, e), k,
+                 preferred_element_type=jnp.float32).reshape(b, kh, m, g, t)
+  qi = q0 + jnp.arange(m, dtype=jnp.int32)[:, None]
+  kj = k0 + jnp.arange(t, dtype=jnp.int32)[None, :]
+  seg = {} if q_seg is None else dict(q_seg=q_seg[:, :, None], k_seg=k_seg[:, None, :])
+  visible = masks.visible(qi[None], kj[None], window, **seg)[:, None, :, None, :]  # [B|1,1,m,1,t]
+  s = jnp.where(visible, s, _MASKED)
+  row_max = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+  # The 1/sqrt(E) scale in float32 inside the exponent: XLA fuses it with the exp.
+  p = jnp.exp((s - row_max) * scale)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  if v.dtype != jnp.float32:
+    # Low precision: round the normalised probabilities, as the reference does.
+    p = p / denom
+  out = jnp.einsum('bkrt,bktd->bkrd', p.reshape(b, kh, m * g, t).astype(v.dtype), v,
+                   preferred_element_type=jnp.float32).reshape(b, kh, m, g, e)
+  return out / denom if v.dtype == jnp.float32 else out
+
+
+def blockwise_causal(q, k, v, segment_ids=None, *, window=None, block: Optional[int] = None):
+  """`reference_causal` (same semantics) computed by query blocks; needs S == T (training)."""
+  b, s, hq, e = q.shape
+  if k.shape[1] != s:
+    raise ValueError(f'blockwise attention needs S == T (training layout); got S={s}, '
+                     f'T={k.shape[1]}')
+  hkv = k.shape[2]
+  block = block or block_size(s)
+  scale = 1.0 / float(e) ** 0.5
+  qt = q.reshape(b, s, hkv, hq // hkv, e).transpose(0, 2, 1, 3, 4)      # [B, K, S, G, E]
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)             # [B, K, T, E]
+  outs = []
+  for q0 in range(0, s, block):
+    q1 = min(q0 + block, s)
+    k0 = 0 if window is None else max(0, q0 - window + 1)
+    seg_q = seg_k = None
+    if segment_ids is not None:
+      seg_q, seg_k = segment_ids[:, q0:q1], segment_ids[:, k0:q1]
+    outs.append(_attend_block(qt[:, :, q0:q1], kt[:, :, k0:q1], vt[:, :, k0:q1], q0, k0,
+                              window, seg_q, seg_k, scale))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return out.transpose(0, 2, 1, 3, 4).reshape(b, s, hq, e).astype(q.dtype)
+
+
+def blockwise_gswa(q, k_glob, v_glob, k_loc, v_loc, gate, segment_ids=None, *, window,
+                   block: Optional[int] = None):
+  """`reference_gswa` (same semantics) computed by query blocks; needs S == T (training)."""
+  y_glob = blockwise_causal(q, k_glob, v_glob, segment_ids, block=block)
+  y_loc = blockwise_causal(q, k_loc, v_loc, segment_ids, window=window, block=block)
+  return mix(gate, y_glob, y_loc)
+
+
+# ------------------------------------------------------------------------------------------------
 # Cached decoding: one layer, one step.
 class KVCache(NamedTuple):
   """One layer's full-length keys / values [B, T, K, E]; slot i holds position i."""
@@ -266,12 +342,23 @@ class CuDNN(XLA):
 
 @dataclasses.dataclass(frozen=True)
 class CPU(XLA):
-  """The reference for training and prefill; cached decode steps in one in-place C++ call per
-  layer (`plt_jax.kernels.cpu_decode`: float32 caches on the CPU backend). strict=False (the
-  'auto' choice) falls back to the reference, with one log line, where the kernel cannot build
-  or run; strict=True raises instead."""
+  """Training and prefill by query blocks (`blockwise_causal` / `blockwise_gswa`: the reference's
+  math without the logits causality or the window hide); cached decode steps in one in-place C++
+  call per layer (`plt_jax.kernels.cpu_decode`: float32 caches on the CPU backend). strict=False
+  (the 'auto' choice) falls back to the reference decode ops, with one log line, where the kernel
+  cannot build or run; strict=True raises instead."""
   name = 'cpu'
+  supports_probs = False
   strict: bool = True
+
+  def causal(self, q, k, v, segment_ids=None, *, window=None, sharding=None):
+    del sharding  # XLA partitions these ops itself
+    return blockwise_causal(q, k, v, segment_ids, window=window)
+
+  def gswa(self, q, k_glob, v_glob, k_loc, v_loc, gate, segment_ids=None, *, window,
+           sharding=None):
+    del sharding
+    return blockwise_gswa(q, k_glob, v_glob, k_loc, v_loc, gate, segment_ids, window=window)
 
   def require(self, dtype: str) -> None:
     """Raises where the decode kernel cannot run for caches of `dtype` (strict use)."""

@@ -175,16 +175,19 @@ class DecoderLayer(nnx.Module):
                global_kv: Optional[tuple[Array, Array]], *, rt: Runtime, capture: bool = False):
     """One layer. `global_kv=None`: causal self-attention; otherwise G-SWA over (K1, V1).
     capture: the reference attention, also returning its probabilities."""
-    q, k, v = self.project(x_BSD, positions_BS, rt)
+    # Named scopes (NAMED_SCOPES) label the ops in profiles; they do not change the math.
+    with jax.named_scope('qkv'):
+      q, k, v = self.project(x_BSD, positions_BS, rt)
     backend = attn_lib.XLA() if capture else rt.attention
     kw = dict(return_probs=True) if capture else dict(sharding=rt.sharding)
     gate = probs = None
-    if global_kv is None:
-      y = backend.causal(q, k, v, segment_ids_BS, **kw)
-    else:
-      gate = self.self_attn.plt_gate(x_BSD, q)
-      k1, v1 = global_kv
-      y = backend.gswa(q, k1, v1, k, v, gate, segment_ids_BS, window=self.window, **kw)
+    with jax.named_scope('attention'):
+      if global_kv is None:
+        y = backend.causal(q, k, v, segment_ids_BS, **kw)
+      else:
+        gate = self.self_attn.plt_gate(x_BSD, q)
+        k1, v1 = global_kv
+        y = backend.gswa(q, k1, v1, k, v, gate, segment_ids_BS, window=self.window, **kw)
     if capture:
       y, probs = y
     y = checkpoint_name(y, 'attention_out')
@@ -199,8 +202,10 @@ class DecoderLayer(nnx.Module):
 
   def finish(self, x_BSD: Array, y_BSHE: Array, rt: Runtime) -> Array:
     """Output projection and residual, then the MLP block and its residual."""
-    x = x_BSD + self.self_attn.out(y_BSHE, rt)
-    return x + self.mlp(self.post_attention_layernorm(x), rt)
+    with jax.named_scope('attn_out'):
+      x = x_BSD + self.self_attn.out(y_BSHE, rt)
+    with jax.named_scope('mlp'):
+      return x + self.mlp(self.post_attention_layernorm(x), rt)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -218,6 +223,9 @@ def shift_right(hn_BSD: Array, positions_BS: Array) -> Array:
   prev = jnp.pad(hn_BSD, ((0, 0), (1, 0), (0, 0)))[:, :-1]
   return jnp.where((positions_BS > 0)[..., None], prev, jnp.zeros_like(prev))
 
+
+# The jax.named_scope names the forward pass puts on its ops (they label profiles).
+NAMED_SCOPES = ('embed', 'loop_input', 'qkv', 'attention', 'attn_out', 'mlp', 'head')
 
 _REMAT_POLICIES = {
     'full': None,
@@ -305,17 +313,20 @@ class PLT(nnx.Module):
     if positions_BS is None:
       positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1], dtype=jnp.int32),
                                       tokens_BS.shape)
-    e = self.embed(tokens_BS, rt)
+    with jax.named_scope('embed'):
+      e = self.embed(tokens_BS, rt)
     loops = [self.run_loop(e, positions_BS, segment_ids_BS, None, rt=rt,
                            capture=capture_attention)]
     for _ in range(1, c.num_loops):
-      x = self.loop_input(e, loops[-1].hidden, positions_BS)
+      with jax.named_scope('loop_input'):
+        x = self.loop_input(e, loops[-1].hidden, positions_BS)
       global_kv = None
       if c.plt_uses_gswa:
         global_kv = [(lo.k, lo.v) for lo in loops[0].layers]
       loops.append(self.run_loop(x, positions_BS, segment_ids_BS, global_kv, rt=rt,
                                  capture=capture_attention))
-    logits = self.head(loops[-1].hidden, rt)
+    with jax.named_scope('head'):
+      logits = self.head(loops[-1].hidden, rt)
     return (logits, loops) if return_loops else logits
 
 

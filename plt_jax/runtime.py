@@ -55,6 +55,11 @@ class Runtime:
     if self.matmul == 'per_row' and x.ndim >= 3 and x.shape[-2] > 1:
       return jnp.concatenate([jnp.dot(x[..., r:r + 1, :], w) for r in range(x.shape[-2])],
                              axis=-2)
+    if x.ndim > 2 and jax.default_backend() == 'cpu':
+      # As a 2-D product: for [B, S, D] activations XLA:CPU would otherwise copy the output
+      # gradient transposed to contract it over (B, S) into the weight gradient.
+      y = jnp.dot(x.reshape(-1, x.shape[-1]), w)
+      return y.reshape(*x.shape[:-1], y.shape[-1])
     return jnp.dot(x, w)
 
 

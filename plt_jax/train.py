@@ -32,7 +32,7 @@ from plt_jax import metrics as metrics_lib
 from plt_jax import optimizer as opt_lib
 from plt_jax import sharding as sharding_lib
 from plt_jax.config import ModelConfig
-from plt_jax.model import PLT
+from plt_jax.model import NAMED_SCOPES, PLT
 from plt_jax.runtime import Runtime
 
 Batch = dict[str, jax.Array]
@@ -178,11 +178,17 @@ class Program:
 
 # ------------------------------------------------------------------------------- the math
 
+# Scopes that label a train step's ops in profiles (`plt_jax.profiling`).
+PROFILE_SCOPES = NAMED_SCOPES + ('loss', 'optimizer')
+
+
 def loss_sums(model: PLT, batch: Batch, rt: Optional[Runtime] = None):
   """(sum of masked next-token cross-entropy, number of loss tokens) on final-loop logits."""
   logits = model(batch['inputs'], batch['positions'], batch['segment_ids'], runtime=rt)
   mask = batch['loss_mask'].astype(jnp.float32)
-  return jnp.sum(metrics_lib.next_token_nll(logits, batch['targets'], mask)), jnp.sum(mask)
+  with jax.named_scope('loss'):
+    nll = metrics_lib.next_token_nll(logits, batch['targets'], mask)
+  return jnp.sum(nll), jnp.sum(mask)
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
@@ -227,7 +233,8 @@ def make_train_step(graphdef, state_shardings, rt: Runtime, schedule: optax.Sche
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     lr = schedule(ts.optimizer.step[...])
-    ts.optimizer.update(ts.model, grads)
+    with jax.named_scope('optimizer'):
+      ts.optimizer.update(ts.model, grads)
     new_state = nnx.state(ts)
     metrics = dict(loss=loss_sum / denom, grad_norm=optax.global_norm(grads), lr=lr,
                    loss_tokens=count)
@@ -292,6 +299,9 @@ def validate_config(config, mesh, process_count: int) -> None:
       bad(f'checkpoint.{f}={config.checkpoint[f]!r}', 'must be >= 1')
   if config.eval.every < 0:
     bad(f'eval.every={config.eval.every!r}', 'must be >= 1, or 0 for no evaluation')
+
+
+_IMPLEMENTATION_FIELDS = ('model.attention_impl:', 'model.remat:')
 
 
 def _config_diff(old: dict, new: dict, prefix: str = '') -> list[str]:
@@ -554,7 +564,10 @@ def _check_saved_config(config: ml_collections.ConfigDict, workdir: str, say) ->
   if os.path.exists(config_path):
     saved = ckpt_lib.load_config(workdir).to_dict()
     diff = _config_diff(saved, config.to_dict())
-    model_diff = [d for d in diff if d.startswith('model.')]
+    # How attention is computed or what is rematerialised leaves the model itself unchanged: a
+    # resume with other choices is allowed (with the note below), if not bit for bit.
+    model_diff = [d for d in diff if d.startswith('model.')
+                  and not d.startswith(_IMPLEMENTATION_FIELDS)]
     if model_diff:
       raise ValueError(f'{workdir} holds a run with a different model; use a new --workdir. '
                        f'Differences: {"; ".join(model_diff)}')

@@ -423,3 +423,22 @@ def test_entry_point_reports_bad_config_and_bad_data(tmp_path):
     assert p.returncode != 0, (name, out, err)
     assert cases[name][1] in err, (name, err[-2000:])
     assert 'Traceback' not in err and 'pretrain: error:' in err, (name, err[-2000:])
+
+
+def test_resume_accepts_another_attention_impl_but_not_another_model(repeated_text_dir, tmp_path):
+  """attention_impl / remat only choose how the same model is computed: a run started with the
+  reference attention resumes under 'auto'; a different width is still refused."""
+  workdir = str(tmp_path / 'run')
+  cfg = overfit_config(repeated_text_dir)
+  cfg.train.update(steps=4)
+  cfg.eval.every = 0
+  cfg.model.attention_impl = 'xla'
+  first = train.train_and_evaluate(cfg, workdir)
+  assert first['step'] == 4
+  cfg.train.steps = 6
+  cfg.model.attention_impl, cfg.model.remat = 'auto', 'full'
+  again = train.train_and_evaluate(cfg, workdir)
+  assert again['start_step'] == 4 and again['step'] == 6
+  cfg.model.ffn_dim = 64
+  with pytest.raises(ValueError, match='different model.*ffn_dim'):
+    train.train_and_evaluate(cfg, workdir)
