@@ -23,7 +23,9 @@ from plt_jax.evaluation.runner import format_summary, run
 from experiments.common import fail, quiet_library_logs
 
 
-_SUITE = flags.DEFINE_enum('suite', 'humaneval', ['humaneval', 'perplexity'], 'What to evaluate.')
+_SUITE = flags.DEFINE_enum('suite', 'humaneval', ['humaneval', 'perplexity', 'synthetic'],
+                            "What to evaluate (synthetic: exact match on the run's held-out "
+                            'task instances).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training work dir (config.json, checkpoints/).')
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'Hugging Face checkpoint directory (instead of a '
                               'work dir for the model; --workdir may still supply the val split).')

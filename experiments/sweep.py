@@ -1,8 +1,10 @@
 """Loop-count sweep: python -m experiments.sweep --config=configs/sweep.py [--workdir=DIR].
 
-Trains every variant of config.sweep.variants under identical data/seed/budget, then evaluates,
-diagnoses and decode-benchmarks each; writes DIR/sweep.md, sweep.json and plots. Rerunning with
-the same --workdir resumes without redoing finished variants.
+Trains every variant of config.sweep.variants (rR, vanillaR, deepR) for each of config.sweep.seeds
+under one budget (sweep.budget: equal steps or equal training FLOPs), then evaluates, diagnoses
+and decode-benchmarks each; writes DIR/sweep.md (mean +- std over seeds), sweep.json,
+sweep_summary.json and plots. Rerunning with the same --workdir skips finished (variant, seed)
+runs.
 """
 from absl import flags
 

@@ -72,3 +72,13 @@ def throughput(tokens_per_second: float, flops_per_token_train: float, num_devic
   achieved = tokens_per_second * flops_per_token_train / max(1, num_devices)
   return dict(tflops_per_device=achieved / 1e12,
               mfu=(achieved / peak_per_device) if peak_per_device else None)
+
+
+def steps_for_budget(cfg: ModelConfig, ref_cfg: ModelConfig, seq_len: int, steps: int) -> int:
+  """Steps that give `cfg` the training FLOPs of `ref_cfg` trained for `steps`.
+
+  Both use the same batch and sequence length, so the batch cancels:
+  round(steps * train_flops_per_token(ref) / train_flops_per_token(cfg)), at least 1.
+  """
+  ratio = (flops_per_token(ref_cfg, seq_len)['train'] / flops_per_token(cfg, seq_len)['train'])
+  return max(1, int(round(steps * ratio)))

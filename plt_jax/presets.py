@@ -19,8 +19,11 @@ the command line, e.g. `--config=configs/r2.py:125m --config.model.num_loops=4
 Sections: model (plt_jax.config.ModelConfig), data (plt_jax.data), train, optimizer
 (plt_jax.optimizer), mesh, checkpoint, eval; the sweep config adds sweep.
 
-The sweep trains R = 1, 2, 3, 4 and the vanilla looped baseline at R = 2 with identical data,
-seed, token budget and shared-layer size, then evaluates, diagnoses and decode-benchmarks each.
+The sweep trains R = 1, 2, 3, 4 and the vanilla looped baseline at R = 2 (variants rR, vanillaR
+and the deep non-looped deepR: R*L layers, one loop) with identical data and shared-layer size,
+then evaluates, diagnoses and decode-benchmarks each. sweep.budget: 'steps' (every variant the
+same steps) or 'flops' (the training FLOPs of r1, or of the first variant); sweep.seeds: every
+variant once per seed (the same seed: the same init and data order), reported as mean +- std.
 Its presets: 'default' (this 2-core CPU: 38.4 minutes measured, quiet machine), '125m', '1b'
 (accelerators). Override e.g. --config.sweep.variants=r1,r2 --config.train.steps=500.
 """
@@ -154,7 +157,13 @@ def sweep_config(preset: Optional[str] = 'default') -> ml_collections.ConfigDict
     else:
       cfg.train[k] = v
   cfg.sweep = ml_collections.ConfigDict(dict(
-      variants='r1,r2,r3,r4,vanilla2',  # rN = PLT with N loops, vanillaN = sequential baseline
+      # rN = PLT with N loops, vanillaN = sequential baseline, deepN = R=1 with N x the layers
+      variants='r1,r2,r3,r4,vanilla2',
+      # 'steps': every variant trains train.steps steps (equal tokens); 'flops': every variant
+      # gets the training FLOPs of the reference (r1 if listed, else the first variant) at
+      # train.steps, so an N-loop model sees about 1/N of the reference's tokens.
+      budget='steps',
+      seeds=(),                         # () = (seed,); each variant trains once per seed
       diagnose_batches=4,               # held-out batches for the diagnostics
       decode_prompt_len=64,             # decode latency: prompt tokens, then
       decode_steps=48,                  # timed single-token steps at batch 1

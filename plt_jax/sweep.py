@@ -1,10 +1,23 @@
-"""The loop-count study as one call: train R = 1..4 and the vanilla baseline, then compare.
+"""The loop-count study as one call: train R = 1..4, the vanilla and deep baselines, then compare.
 
-Every variant shares the data (one tokenize-once cache), seed, token budget and shared-layer size;
-only `model.num_loops` / `model.loop_mode` change. Each variant lives in <root>/<name>/ (a normal
-training work dir) and is finished when <root>/<name>/sweep_result.json exists, so an interrupted
-sweep resumes: finished variants are skipped, a half-trained one resumes from its checkpoint.
-Outputs in <root>: sweep.md (the table), sweep.json, val_loss_vs_loops.png, loss_curves.png.
+Variants: rN (PLT with N loops), vanillaN (the sequential looped baseline) and deepN (no loops,
+N x the layers: the FLOPs per token of N loops with N x the layer parameters). All share the data
+(one tokenize-once cache) and the shared-layer size; only `model.num_loops` / `model.loop_mode` /
+`model.num_layers` change.
+
+Budget (`sweep.budget`): 'steps' trains every variant `train.steps` steps (equal tokens); 'flops'
+gives every variant the training FLOPs of the reference variant (r1 if listed, else the first one)
+at `train.steps`, with the same batch, so each variant's step count is scaled instead.
+
+Seeds (`sweep.seeds`, () = just `seed`): every variant trains once per seed, and the seed is both
+the init and the data-order seed, so one seed means one data order across variants. The table
+and plots report mean +- std (ddof=1) over seeds; with one seed the cells are that run's values.
+
+Each run lives in <root>/<name>/ (one default seed) or <root>/<name>-seed<S>/ (explicit seeds), a
+normal training work dir, and is finished when its sweep_result.json exists, so an interrupted
+sweep resumes: finished runs are skipped, a half-trained one resumes from its checkpoint.
+Outputs in <root>: sweep.md (the table), sweep.json (every run), sweep_summary.json (per variant),
+val_loss_vs_loops.png, loss_curves.png.
 """
 from __future__ import annotations
 
@@ -13,22 +26,25 @@ import math
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Optional
 
 import ml_collections
 import numpy as np
 
 RESULT_FILE = 'sweep_result.json'
+BUDGETS = ('steps', 'flops')
+_KINDS = {'r': 'plt', 'vanilla': 'vanilla', 'deep': 'deep'}
 
 
 def parse_variants(spec: str) -> list[tuple[str, int, str]]:
-  """'r1,r2,vanilla2' -> [(name, num_loops, loop_mode), ...]."""
+  """'r1,r2,vanilla2,deep2' -> [(name, N, kind), ...], kind in 'plt' | 'vanilla' | 'deep'."""
   out = []
   for name in [s.strip() for s in spec.split(',') if s.strip()]:
-    m = re.fullmatch(r'(r|vanilla)(\d+)', name)
+    m = re.fullmatch(r'(r|vanilla|deep)(\d+)', name)
     if not m or int(m.group(2)) < 1:
-      raise ValueError(f'sweep.variants: {name!r} is not of the form rN or vanillaN (N >= 1)')
-    out.append((name, int(m.group(2)), 'plt' if m.group(1) == 'r' else 'vanilla'))
+      raise ValueError(
+          f'sweep.variants: {name!r} is not of the form rN, vanillaN or deepN (N >= 1)')
+    out.append((name, int(m.group(2)), _KINDS[m.group(1)]))
   if not out:
     raise ValueError('sweep.variants is empty')
   if len({n for n, _, _ in out}) != len(out):
@@ -36,15 +52,70 @@ def parse_variants(spec: str) -> list[tuple[str, int, str]]:
   return out
 
 
+def reference_variant(variants: list[tuple[str, int, str]]) -> tuple[str, int, str]:
+  """The FLOP budget's reference: r1 when it is listed, else the first variant."""
+  return next((v for v in variants if v[0] == 'r1'), variants[0])
+
+
+def sweep_seeds(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  seeds = tuple(int(s) for s in (config.sweep.get('seeds') or ()))
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f'sweep.seeds has duplicates: {seeds}')
+  return seeds or (int(config.seed),)
+
+
+def sweep_budget(config: ml_collections.ConfigDict) -> str:
+  budget = config.sweep.get('budget', 'steps')
+  if budget not in BUDGETS:
+    raise ValueError(f'sweep.budget must be one of {BUDGETS}, got {budget!r}')
+  return budget
+
+
 def variant_config(config: ml_collections.ConfigDict, num_loops: int, loop_mode: str,
-                   root: str) -> ml_collections.ConfigDict:
+                   root: str, *, seed: Optional[int] = None,
+                   steps: Optional[int] = None) -> ml_collections.ConfigDict:
+  """The training config of one variant (loop_mode 'deep': R=1 with num_loops x the layers)."""
   cfg = ml_collections.ConfigDict(config.to_dict())
   del cfg['sweep']
-  cfg.model.num_loops = num_loops
-  cfg.model.loop_mode = loop_mode
+  if loop_mode == 'deep':
+    cfg.model.num_layers = num_loops * int(config.model.num_layers)
+    cfg.model.num_loops = 1
+    cfg.model.loop_mode = 'plt'
+  else:
+    cfg.model.num_loops = num_loops
+    cfg.model.loop_mode = loop_mode
+  if seed is not None:
+    cfg.seed = int(seed)
+  if steps is not None:
+    cfg.train.steps = int(steps)
   if not cfg.data.cache_dir:  # tokenize once for the whole sweep
     cfg.data.cache_dir = os.path.join(root, 'data_cache')
   return cfg
+
+
+def variant_model_config(config: ml_collections.ConfigDict, num_loops: int, loop_mode: str,
+                         vocab_size: Optional[int] = None):
+  """The variant's ModelConfig (vocabulary as given, else as configured)."""
+  from plt_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  cfg = variant_config(config, num_loops, loop_mode, root='')
+  if vocab_size is not None:
+    cfg.model.vocab_size = int(vocab_size)
+  return ModelConfig.from_dict(cfg.model)
+
+
+def budget_steps(config: ml_collections.ConfigDict, variants: list[tuple[str, int, str]],
+                 vocab_size: Optional[int] = None) -> dict[str, int]:
+  """Training steps per variant under `sweep.budget`."""
+  from plt_jax import flops as flops_lib  # pylint: disable=import-outside-toplevel
+  steps = int(config.train.steps)
+  if sweep_budget(config) == 'steps':
+    return {n: steps for n, _, _ in variants}
+  _, ref_r, ref_mode = reference_variant(variants)
+  ref_cfg = variant_model_config(config, ref_r, ref_mode, vocab_size)
+  seq_len = int(config.train.seq_len)
+  return {n: flops_lib.steps_for_budget(variant_model_config(config, r, m, vocab_size), ref_cfg,
+                                        seq_len, steps)
+          for n, r, m in variants}
 
 
 def decode_latency(model, *, batch: int, prompt_len: int, steps: int, warmup: int = 5) -> dict:
@@ -70,21 +141,29 @@ def decode_latency(model, *, batch: int, prompt_len: int, steps: int, warmup: in
           'kv_max_len': max_len, 'batch': batch}
 
 
-def run_variant(config, name, num_loops, loop_mode, root, *, log=print) -> dict[str, Any]:
+def run_dir(root: str, name: str, seed: int, per_seed: bool) -> str:
+  return os.path.join(root, f'{name}-seed{seed}' if per_seed else name)
+
+
+def run_variant(config, name, num_loops, loop_mode, root, *, seed: Optional[int] = None,
+                steps: Optional[int] = None, per_seed: bool = False, log=print) -> dict[str, Any]:
+  """Trains (or resumes, or skips when finished) one (variant, seed) run and returns its result."""
   from plt_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from plt_jax import diagnostics  # pylint: disable=import-outside-toplevel
   from plt_jax import flops as flops_lib  # pylint: disable=import-outside-toplevel
   from plt_jax import train  # pylint: disable=import-outside-toplevel
   from plt_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
 
-  workdir = os.path.join(root, name)
+  seed = int(config.seed) if seed is None else int(seed)
+  workdir = run_dir(root, name, seed, per_seed)
   done = os.path.join(workdir, RESULT_FILE)
   if os.path.exists(done):
-    log(f'[sweep] {name}: finished earlier, skipping ({done})')
+    log(f'[sweep] {name} seed {seed}: finished earlier, skipping ({done})')
     with open(done) as f:
       return json.load(f)
-  log(f'[sweep] {name}: training R={num_loops} {loop_mode} in {workdir}')
-  cfg = variant_config(config, num_loops, loop_mode, root)
+  cfg = variant_config(config, num_loops, loop_mode, root, seed=seed, steps=steps)
+  log(f'[sweep] {name} seed {seed}: training {cfg.train.steps} steps, R={cfg.model.num_loops} '
+      f'L={cfg.model.num_layers} {cfg.model.loop_mode} in {workdir}')
   summary = train.train_and_evaluate(cfg, workdir)
   if summary.get('stopped_by'):
     raise RuntimeError(f'[sweep] {name} stopped early ({summary["stopped_by"]}); rerun to resume')
@@ -98,8 +177,10 @@ def run_variant(config, name, num_loops, loop_mode, root, *, log=print) -> dict[
   fpt = flops_lib.flops_per_token(mcfg, int(t.seq_len))
   tokens = int(t.steps) * int(t.batch_size) * int(t.seq_len)
   result = dict(
-      name=name, num_loops=num_loops, loop_mode=loop_mode, params=mcfg.param_count(),
-      train_tokens=tokens, train_flops=fpt['train'] * tokens,
+      name=name, kind=loop_mode, R=num_loops, seed=seed, num_loops=mcfg.num_loops,
+      loop_mode=mcfg.loop_mode, num_layers=mcfg.num_layers, vocab_size=mcfg.vocab_size,
+      params=mcfg.param_count(), steps=int(t.steps), train_tokens=tokens,
+      train_flops=fpt['train'] * tokens,
       final_val_loss=summary['final_val_loss'], first_val_loss=summary['first_val_loss'],
       final_val_ppl=math.exp(summary['final_val_loss']), tokens_per_s=summary['tokens_per_s'],
       train_seconds=summary['wall_seconds'], decode=lat, diagnostics=diag,
@@ -114,46 +195,108 @@ def _fmt(x, spec):
   return 'n/a' if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def markdown_table(results: list[dict]) -> str:
-  head = ('| variant | params | train FLOPs | val loss | val ppl | decode ms/token (B=1) | '
-          'KV bytes | step size (last) | alignment (last) | eff. rank (last) | '
-          'offset cost (last) | mean gate |')
-  lines = [head, '|' + '---|' * (head.count('|') - 1)]
+def mean_std(values) -> dict[str, Any]:
+  """mean and std (ddof=1; None below two values) of the finite values, None for none."""
+  v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+  return dict(mean=float(v.mean()) if v.size else None,
+              std=float(v.std(ddof=1)) if v.size >= 2 else None, n=int(v.size))
+
+
+def _pm(stat: dict, spec: str) -> str:
+  if stat['std'] is None:
+    return _fmt(stat['mean'], spec)
+  return f"{format(stat['mean'], spec)} ± {format(stat['std'], spec)}"
+
+
+def _mean_gate(diag) -> Optional[float]:
+  gates = np.asarray([[np.nan if v is None else v for v in row] for row in diag['gate']],
+                     dtype=np.float64)
+  return float(np.nanmean(gates)) if np.isfinite(gates).any() else None
+
+
+_LAST = ('step_size', 'alignment', 'effective_rank', 'offset_cost')
+
+
+def summarize(results: list[dict]) -> list[dict]:
+  """Per variant (in first-seen order): its fixed facts and mean/std over seeds of the rest."""
+  by_name: dict[str, list[dict]] = {}
   for r in results:
-    d = r['diagnostics']
-    gates = np.asarray([[np.nan if v is None else v for v in row] for row in d['gate']],
-                       dtype=np.float64)
-    mean_gate = float(np.nanmean(gates)) if np.isfinite(gates).any() else None
-    last = lambda k: d[k][-1]  # noqa: E731
+    by_name.setdefault(r['name'], []).append(r)
+  out = []
+  for name, runs in by_name.items():
+    first = runs[0]
+    row = dict(name=name, kind=first.get('kind', first['loop_mode']),
+               R=first.get('R', first['num_loops']), seeds=[r.get('seed') for r in runs],
+               params=first['params'], steps=first.get('steps'),
+               train_tokens=first['train_tokens'], train_flops=first['train_flops'],
+               kv_bytes=first['decode']['kv_bytes'],
+               final_val_loss=mean_std(r['final_val_loss'] for r in runs),
+               final_val_ppl=mean_std(r['final_val_ppl'] for r in runs),
+               decode_ms=mean_std(r['decode']['latency_s'] * 1e3 for r in runs),
+               mean_gate=mean_std(_mean_gate(r['diagnostics']) for r in runs))
+    for k in _LAST:
+      row[k] = mean_std(r['diagnostics'][k][-1] for r in runs)
+    row['metrics'] = [r['metrics'] for r in runs]
+    out.append(row)
+  return out
+
+
+def markdown_table(summary: list[dict]) -> str:
+  head = ('| variant | seeds | params | steps | train tokens | train FLOPs | val loss | val ppl | '
+          'decode ms/token (B=1) | KV bytes | step size (last) | alignment (last) | '
+          'eff. rank (last) | offset cost (last) | mean gate |')
+  lines = [head, '|' + '---|' * (head.count('|') - 1)]
+  for s in summary:
     lines.append(
-        f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['train_flops']:.3g} | "
-        f"{r['final_val_loss']:.4f} | {r['final_val_ppl']:.2f} | "
-        f"{r['decode']['latency_s'] * 1e3:.2f} | {r['decode']['kv_bytes']:,} | "
-        f"{_fmt(last('step_size'), '.3g')} | {_fmt(last('alignment'), '.3f')} | "
-        f"{_fmt(last('effective_rank'), '.1f')} | {_fmt(last('offset_cost'), '.3g')} | "
-        f"{_fmt(mean_gate, '.3f')} |")
+        f"| {s['name']} | {len(s['seeds'])} | {s['params'] / 1e6:.2f}M | {_fmt(s['steps'], 'd')} | "
+        f"{s['train_tokens']:,} | {s['train_flops']:.3g} | {_pm(s['final_val_loss'], '.4f')} | "
+        f"{_pm(s['final_val_ppl'], '.2f')} | {_pm(s['decode_ms'], '.2f')} | {s['kv_bytes']:,} | "
+        f"{_pm(s['step_size'], '.3g')} | {_pm(s['alignment'], '.3f')} | "
+        f"{_pm(s['effective_rank'], '.1f')} | {_pm(s['offset_cost'], '.3g')} | "
+        f"{_pm(s['mean_gate'], '.3f')} |")
   return '\n'.join(lines)
 
 
-def plot(results: list[dict], root: str) -> list[str]:
+def _mean_curve(paths: list[str], split: str):
+  """(steps, mean, std) of the loss at the steps every seed logged; std is 0 for one seed."""
+  from plt_jax.metrics import read_jsonl  # pylint: disable=import-outside-toplevel
+  per_step: dict[int, list[float]] = {}
+  for p in paths:
+    for x in read_jsonl(p):
+      if x.get('split') == split and 'loss' in x:
+        per_step.setdefault(int(x['step']), []).append(float(x['loss']))
+  steps = sorted(s for s, v in per_step.items() if len(v) == len(paths))
+  vals = [np.asarray(per_step[s]) for s in steps]
+  mean = np.asarray([v.mean() for v in vals])
+  std = np.asarray([v.std(ddof=1) if v.size >= 2 else 0.0 for v in vals])
+  return np.asarray(steps), mean, std
+
+
+def plot(summary: list[dict], root: str) -> list[str]:
   # Figures, not pyplot: no global backend switch (a notebook's inline plots keep working).
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  from plt_jax.metrics import read_jsonl  # pylint: disable=import-outside-toplevel
+
+  def err(s):
+    return s['final_val_loss']['std'] or 0.0
 
   paths = []
-  plt_runs = sorted([r for r in results if r['loop_mode'] == 'plt'], key=lambda r: r['num_loops'])
+  plt_runs = sorted([s for s in summary if s['kind'] == 'plt'], key=lambda s: s['R'])
   fig = Figure(figsize=(5.5, 3.8))
   ax = fig.subplots()
   if plt_runs:
-    ax.plot([r['num_loops'] for r in plt_runs], [r['final_val_loss'] for r in plt_runs],
-            marker='o', label='PLT')
-  for r in results:
-    if r['loop_mode'] == 'vanilla':
-      ax.scatter([r['num_loops']], [r['final_val_loss']], marker='s', color='C3', zorder=3,
-                 label=f"vanilla R={r['num_loops']}")
-  ax.set_xlabel('loops R')
-  ax.set_ylabel('final validation loss (nats/token)')
-  ax.set_xticks(sorted({r['num_loops'] for r in results}))
+    ax.errorbar([s['R'] for s in plt_runs], [s['final_val_loss']['mean'] for s in plt_runs],
+                yerr=[err(s) for s in plt_runs], marker='o', capsize=3, label='PLT')
+  for kind, marker, color in (('vanilla', 's', 'C3'), ('deep', '^', 'C2')):
+    for s in summary:
+      if s['kind'] == kind:
+        ax.errorbar([s['R']], [s['final_val_loss']['mean']], yerr=[err(s)], marker=marker,
+                    color=color, capsize=3, linestyle='none', zorder=3,
+                    label=f"{kind} {'R' if kind == 'vanilla' else 'x'}={s['R']}")
+  ax.set_xlabel('loops R (deep: layer multiple)')
+  n_seeds = max(len(s['seeds']) for s in summary)
+  ax.set_ylabel('final validation loss (nats/token)' + (
+      f'\nmean ± std over {n_seeds} seeds' if n_seeds > 1 else ''))
+  ax.set_xticks(sorted({s['R'] for s in summary}))
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -162,16 +305,15 @@ def plot(results: list[dict], root: str) -> list[str]:
 
   fig = Figure(figsize=(11, 3.8))
   axes = fig.subplots(1, 2)
-  for i, r in enumerate(results):
-    rows = read_jsonl(r['metrics'])
-    tr = [(x['step'], x['loss']) for x in rows if x.get('split') == 'train' and 'loss' in x]
-    va = [(x['step'], x['loss']) for x in rows if x.get('split') == 'val' and 'loss' in x]
-    if tr:
-      axes[0].plot(*zip(*tr), lw=0.8, color=f'C{i}', label=r['name'])
-    if va:
-      axes[1].plot(*zip(*va), marker='o', color=f'C{i}', label=r['name'])
+  for i, s in enumerate(summary):
+    for ax, split, kw in ((axes[0], 'train', dict(lw=0.8)), (axes[1], 'val', dict(marker='o'))):
+      steps, mean, std = _mean_curve(s['metrics'], split)
+      if steps.size:
+        ax.plot(steps, mean, color=f'C{i}', label=s['name'], **kw)
+        if len(s['seeds']) > 1:
+          ax.fill_between(steps, mean - std, mean + std, color=f'C{i}', alpha=0.2, lw=0)
   for ax, title in zip(axes, ('train loss', 'validation loss')):
-    ax.set_title(title)
+    ax.set_title(title + (f' (mean ± std, {n_seeds} seeds)' if n_seeds > 1 else ''))
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
     ax.legend()
@@ -182,26 +324,58 @@ def plot(results: list[dict], root: str) -> list[str]:
 
 
 def run_sweep(config: ml_collections.ConfigDict, root: str, *, log=print) -> dict[str, Any]:
-  """Trains, evaluates and diagnoses every variant (resuming), then writes the comparison."""
+  """Trains, evaluates and diagnoses every (variant, seed), resuming; writes the comparison."""
   root = os.path.abspath(os.path.expanduser(root))
   os.makedirs(root, exist_ok=True)
   variants = parse_variants(config.sweep.variants)
+  budget = sweep_budget(config)
+  seeds = sweep_seeds(config)
+  per_seed = bool(config.sweep.get('seeds'))
   t0 = time.time()
-  results = [run_variant(config, n, r, m, root, log=log) for n, r, m in variants]
-  table = markdown_table(results)
-  paths = plot(results, root)
+
+  done: dict[tuple[str, int], dict] = {}
+
+  def run(v, seed, steps):
+    if (v[0], seed) not in done:
+      done[v[0], seed] = run_variant(config, *v, root, seed=seed, steps=steps, per_seed=per_seed,
+                                     log=log)
+    return done[v[0], seed]
+
+  ref = reference_variant(variants)
+  vocab = None
+  if budget == 'flops':
+    # The reference trains the configured steps; its run fixes the vocabulary (which may follow
+    # the tokenizer) that the other variants' FLOPs are counted with.
+    vocab = run(ref, seeds[0], int(config.train.steps))['vocab_size']
+  steps = budget_steps(config, variants, vocab)
+  results = [run(v, seed, steps[v[0]]) for seed in seeds for v in variants]
+  summary = summarize(results)
+  table = markdown_table(summary)
+  paths = plot(summary, root)
   md = os.path.join(root, 'sweep.md')
   with open(md, 'w') as f:
     f.write('# Loop-count sweep\n\n')
-    f.write(f'Identical data, seed, token budget ({results[0]["train_tokens"]:,} tokens) and '
-            'shared layers; only the loop count / mode differ.\n\n')
+    if budget == 'steps':
+      f.write(f'Identical data, token budget ({results[0]["train_tokens"]:,} tokens) and '
+              'shared layers; only the loop count / mode / depth differ.\n\n')
+    else:
+      ref_flops = next(s['train_flops'] for s in summary if s['name'] == ref[0])
+      f.write(f'Equal training FLOPs: every variant gets those of {ref[0]} at '
+              f'{int(config.train.steps)} steps ({ref_flops:.3g}), so the step and token counts '
+              'differ; identical data order and shared layers.\n\n')
+    f.write(f'Seeds: {", ".join(map(str, seeds))}' + (
+        '; cells are mean ± std (ddof=1) over seeds.\n\n' if len(seeds) > 1 else '.\n\n'))
     f.write(table + '\n\n')
     for p in paths:
       f.write(f'![{os.path.basename(p)}]({os.path.basename(p)})\n')
   from plt_jax.diagnostics import _json_safe  # pylint: disable=import-outside-toplevel
   with open(os.path.join(root, 'sweep.json'), 'w') as f:
     json.dump(_json_safe(results), f, indent=2)
+  with open(os.path.join(root, 'sweep_summary.json'), 'w') as f:
+    json.dump(_json_safe(dict(budget=budget, reference=ref[0], seeds=list(seeds),
+                              variants=summary)), f, indent=2)
   log(table)
   log(f'[sweep] done in {(time.time() - t0) / 60:.1f} min. Wrote {md}, '
       f'{os.path.join(root, "sweep.json")}, ' + ', '.join(paths))
-  return {'results': results, 'table': table, 'markdown': md, 'plots': paths}
+  return {'results': results, 'summary': summary, 'table': table, 'markdown': md,
+          'plots': paths}

@@ -648,9 +648,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     say(f'mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} '
         f'device(s); batch {t.batch_size} x {t.seq_len} ({t.grad_accum} microbatch(es)); '
         f'steps {t.steps}')
-    say(f'data: {st["source"]}, {st["tokenizer"]} tokenizer ({st["vocab_size"]}), '
-        f'{st["train_tokens"]:,} train / {st["val_tokens"]:,} val tokens, '
-        f'{st["train_rows"]:,} rows (~{st["train_rows"] // max(1, t.batch_size)} steps per epoch)')
+    size = (f'{st["train_tokens"]:,} train / {st["val_tokens"]:,} val tokens, {st["train_rows"]:,} '
+            f'rows (~{st["train_rows"] // max(1, t.batch_size)} steps per epoch)'
+            if st['train_rows'] else
+            f'training rows generated without end, {st["val_tokens"]:,} val tokens')
+    say(f'data: {st["source"]}, {st["tokenizer"]} tokenizer ({st["vocab_size"]}), {size}')
 
     bsh = sharding_lib.batch_sharding(mesh)
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, enabled=is_main)

@@ -354,3 +354,17 @@ def test_stdlib_corpus_small(tmp_path):
       int(v['loss_mask'].sum()) for v in b.val_batches)
   text = b.tokenizer.decode(batch['inputs'][0])
   assert len(text) > 64  # real code, several bytes per token
+
+
+def test_synthetic_source_reads_no_corpus(tmp_path, monkeypatch):
+  def boom(*a, **k):
+    raise AssertionError('a synthetic source must not read or tokenize a corpus')
+  monkeypatch.setattr(data, '_resolve_files', boom)
+  monkeypatch.setattr(tokenizer_lib, 'build_tokenizer', boom)
+  cfg = data.default_data_config()
+  assert cfg.task == '' and 'synthetic' in data.SOURCES
+  cfg.source, cfg.task, cfg.task_params = 'synthetic', 'addition', {'digits': 2}
+  bundle = data.build_data(cfg, seq_len=32, batch_size=2, seed=0, workdir=str(tmp_path))
+  assert bundle.stats['source'] == 'synthetic' and bundle.stats['vocab_size'] == 16
+  assert next(bundle.train_iter)['inputs'].shape == (2, 32)
+  assert os.path.isfile(tmp_path / 'tokenizer' / 'tokenizer.json')

@@ -12,9 +12,9 @@ TINY_MODEL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim
 
 
 def test_parse_variants():
-  assert sweep.parse_variants('r1, r4,vanilla2') == [('r1', 1, 'plt'), ('r4', 4, 'plt'),
-                                                     ('vanilla2', 2, 'vanilla')]
-  for bad in ('r0', 'x2', '', 'r1,r1'):
+  assert sweep.parse_variants('r1, r4,vanilla2,deep3') == [
+      ('r1', 1, 'plt'), ('r4', 4, 'plt'), ('vanilla2', 2, 'vanilla'), ('deep3', 3, 'deep')]
+  for bad in ('r0', 'x2', '', 'r1,r1', 'deep0'):
     with pytest.raises(ValueError, match='sweep.variants'):
       sweep.parse_variants(bad)
 
@@ -43,6 +43,8 @@ def test_tiny_sweep_runs_and_resumes(tmp_path):
   for r in results:
     assert r['final_val_loss'] < r['first_val_loss']           # every variant learned
     assert r['train_tokens'] == 12 * 4 * 32                    # identical token budget
+    assert r['steps'] == 12 and r['seed'] == cfg.seed          # default budget and seed
+    assert (root / r['name'] / sweep.RESULT_FILE).exists()     # one seed: today's layout
     assert r['decode']['latency_s'] > 0 and r['decode']['kv_bytes'] > 0
     assert len(r['diagnostics']['step_size']) == r['num_loops']
   # Same shared layers: R=2 adds only the gates to R=1; vanilla adds nothing.

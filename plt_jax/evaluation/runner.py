@@ -1,4 +1,5 @@
-"""Evaluation runs behind `python -m experiments.evaluate` (HumanEval pass@k, perplexity).
+"""Evaluation runs behind `python -m experiments.evaluate` (HumanEval pass@k, perplexity,
+exact-match accuracy on a synthetic task).
 
 `run(suite, workdir=..., hf_dir=..., ...)` loads the model, evaluates and writes the results;
 the CLI only parses flags and calls it, so notebooks and tests use the same function.
@@ -116,6 +117,23 @@ def run_perplexity(model, tokenizer, info: dict, *, out_path: str, config=None,
   return out
 
 
+def run_synthetic(model, info: dict, *, out_path: str, config=None, batch_size: int = 0,
+                  limit: int = 0) -> dict[str, Any]:
+  """Exact-match accuracy on the held-out set of a run trained with data.source='synthetic'."""
+  from plt_jax.evaluation import synthetic  # pylint: disable=g-import-not-at-top
+  if config is None:
+    raise ValueError('the synthetic suite needs --workdir (a run trained on a synthetic task)')
+  out: dict[str, Any] = dict(suite='synthetic', model=info)
+  out.update(synthetic.evaluate_run(model, config.data, batch_size=batch_size or 64,
+                                    limit=limit))
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  with open(out_path + '.tmp', 'w') as f:
+    json.dump(out, f, indent=2, sort_keys=True)
+  os.replace(out_path + '.tmp', out_path)
+  out['out_path'] = out_path
+  return out
+
+
 def _with_seq_len(config, seq_len: int):
   import ml_collections  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(config.to_dict())
@@ -165,10 +183,19 @@ def run(suite: str, *, workdir: Optional[str] = None, hf_dir: Optional[str] = No
                           seq_len=seq_len, eval_batches=eval_batches,
                           batch_size=eval_batch_size,
                           progress=humaneval_kwargs.get('progress', True))
+  if suite == 'synthetic':
+    name = f'synthetic-{_tag(info)}.json'
+    out_path = os.path.join(out_dir, name) if out_dir else os.path.join(base, name)
+    return run_synthetic(model, info, out_path=out_path, config=config,
+                         batch_size=eval_batch_size,
+                         limit=int(humaneval_kwargs.get('limit', 0) or 0))
   raise ValueError(f'unknown suite {suite!r}')
 
 
 def format_summary(s: dict) -> str:
+  if s['suite'] == 'synthetic':
+    from plt_jax.evaluation import synthetic  # pylint: disable=g-import-not-at-top
+    return synthetic.format_summary(s)
   if s['suite'] == 'humaneval':
     ks = ', '.join(f'{k} = {v:.4f}' for k, v in s.items() if k.startswith('pass@'))
     return (f'humaneval: {ks}  ({s["problems_solved"]}/{s["problems"]} problems solved, '

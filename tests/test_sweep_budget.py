@@ -1,0 +1,154 @@
+"""The sweep's deep baseline, equal-FLOP budget and seeds (mean ± std, per-seed resume)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import sweep as sweep_config
+from plt_jax import flops, sweep
+from plt_jax.config import ModelConfig
+
+# d=32, H=4 (head_dim 8), K=2, F=48, L=2, V=64; counted by hand below at T=16, W=5.
+SMALL = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
+             window_size=5, max_seq_len=64)
+T = 16
+# Per layer: q, k+v, o, MLP = 2*32*32 + 4*32*16 + 2*32*32 + 6*32*48 = 15360; attention
+# 4*H*E = 128 FLOPs per query-key pair over (16 + 1) / 2 = 8.5 causal keys = 1088; head 2*32*64.
+R1_FORWARD = 2 * (15360 + 1088) + 4096                                        # 36992
+DEEP2_FORWARD = 4 * (15360 + 1088) + 4096                                     # 69888
+# Loop 2 adds the window branch (128 * mean_i min(i + 1, 5) = 128 * 70 / 16) and the hidden gate
+# (2 * d * H = 256) per layer.
+R2_FORWARD = 2 * 2 * (15360 + 1088) + 2 * 128 * 70 / 16 + 2 * 256 + 4096     # 71520
+
+
+def small(**kw):
+  return ModelConfig(**{**SMALL, **kw})
+
+
+def test_parse_deep_variants():
+  assert sweep.parse_variants('r2,deep2,vanilla3') == [
+      ('r2', 2, 'plt'), ('deep2', 2, 'deep'), ('vanilla3', 3, 'vanilla')]
+  for bad in ('deep0', 'deep', 'deepx2'):
+    with pytest.raises(ValueError, match='sweep.variants'):
+      sweep.parse_variants(bad)
+
+
+def test_flops_by_hand():
+  r1, r2 = small(num_loops=1), small(num_loops=2)
+  deep2 = small(num_loops=1, num_layers=4)
+  assert flops.flops_per_token(r1, T)['forward'] == R1_FORWARD
+  assert flops.flops_per_token(r2, T)['forward'] == R2_FORWARD
+  assert flops.flops_per_token(deep2, T)['forward'] == DEEP2_FORWARD
+  # deep2 = 2 x r1 except the head, which both count once: the gap is exactly 2 * d * V.
+  gap = 2 * flops.flops_per_token(r1, T)['forward'] - flops.flops_per_token(deep2, T)['forward']
+  assert gap == 2 * 32 * 64
+
+
+def test_steps_for_budget_by_hand():
+  r1, r2 = small(num_loops=1), small(num_loops=2)
+  deep2 = small(num_loops=1, num_layers=4)
+  vanilla2 = small(num_loops=2, loop_mode='vanilla')
+  assert flops.steps_for_budget(r1, r1, T, 100) == 100
+  assert flops.steps_for_budget(r2, r1, T, 100) == 52        # 100 * 36992 / 71520 = 51.72
+  assert flops.steps_for_budget(deep2, r1, T, 100) == 53     # 100 * 36992 / 69888 = 52.93
+  assert flops.steps_for_budget(vanilla2, r1, T, 100) == 53  # vanilla2 costs what deep2 does
+  assert flops.steps_for_budget(r1, r2, T, 100) == 193       # 100 * 71520 / 36992 = 193.34
+  assert flops.steps_for_budget(r2, r1, T, 1) == 1           # never below one step
+
+
+def test_budget_steps_reference_and_default():
+  cfg = sweep_config.get_config()
+  cfg.model.update(SMALL)
+  cfg.train.update(steps=100, seq_len=T)
+  variants = sweep.parse_variants('r2,deep2,r1,vanilla2')
+  # 'steps' (the default) keeps every variant at train.steps.
+  assert cfg.sweep.budget == 'steps' and tuple(cfg.sweep.seeds) == ()
+  assert sweep.budget_steps(cfg, variants) == dict(r2=100, deep2=100, r1=100, vanilla2=100)
+  cfg.sweep.budget = 'flops'  # r1 is the reference wherever it is listed
+  assert sweep.budget_steps(cfg, variants) == dict(r2=52, deep2=53, r1=100, vanilla2=53)
+  # Without r1, the first variant is the reference.
+  assert sweep.budget_steps(cfg, sweep.parse_variants('r2,deep2')) == dict(
+      r2=100, deep2=round(100 * R2_FORWARD / DEEP2_FORWARD))
+  cfg.sweep.budget = 'tokens'
+  with pytest.raises(ValueError, match='sweep.budget'):
+    sweep.budget_steps(cfg, variants)
+
+
+def test_mean_std():
+  assert sweep.mean_std([1.0, 2.0, 4.0]) == dict(mean=7 / 3, std=pytest.approx(np.std(
+      [1.0, 2.0, 4.0], ddof=1)), n=3)
+  assert sweep.mean_std([3.0, None]) == dict(mean=3.0, std=None, n=1)
+  assert sweep.mean_std([None]) == dict(mean=None, std=None, n=0)
+
+
+@pytest.mark.slow
+def test_tiny_sweep_two_seeds_equal_flops_resumes(tmp_path):
+  from plt_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(12):
+    (corpus / f'f{i}.py').write_text(
+        ''.join(f'def f{i}_{j}(x):\n    return x * {j} + {i}\n\n' for j in range(20)))
+  cfg = sweep_config.get_config()
+  cfg.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
+                   window_size=5, max_seq_len=128, rope_theta=10_000.0)
+  cfg.train.update(steps=12, batch_size=4, seq_len=32, progress=False)
+  cfg.data.update(source='files', paths=(str(corpus / '*.py'),), tokenizer='byte',
+                  val_fraction=0.2, val_batches=2)
+  cfg.mesh.num_devices = 1
+  cfg.checkpoint.every = 6
+  cfg.eval.every = 6
+  cfg.sweep.update(variants='deep2,r1', budget='flops', seeds=(0, 1), diagnose_batches=1,
+                   decode_prompt_len=8, decode_steps=4)
+  root = tmp_path / 'sweep'
+  logs = []
+  out = sweep.run_sweep(cfg, str(root), log=logs.append)
+  res = {(r['name'], r['seed']): r for r in out['results']}
+  assert sorted(res) == [('deep2', 0), ('deep2', 1), ('r1', 0), ('r1', 1)]
+  for (name, seed), r in res.items():
+    wd = root / f'{name}-seed{seed}'
+    assert (wd / sweep.RESULT_FILE).exists()
+    assert ckpt_lib.load_config(str(wd)).seed == seed      # data order follows the seed only
+  r1, deep2 = res['r1', 0], res['deep2', 0]
+  # deep2: one loop over twice the layers (2 x the layer parameters: attention, MLP, norms).
+  assert (deep2['num_loops'], deep2['num_layers'], deep2['R']) == (1, 4, 2)
+  assert deep2['params'] - r1['params'] == 2 * (32 * 8 * (2 * 4 + 2 * 2) + 3 * 32 * 48 + 2 * 32)
+  # Equal FLOPs: r1 (the reference) trains 12 steps. At T=32 a layer costs 15360 + 128 * 16.5
+  # = 17472 and the head 2 * 32 * 384 (byte vocabulary rounded up to 128), so deep2 trains
+  # round(12 * (2 * 17472 + 24576) / (4 * 17472 + 24576)) = round(7.56) = 8 steps.
+  v = r1['vocab_size']
+  want = flops.steps_for_budget(small(num_loops=1, num_layers=4, vocab_size=v),
+                                small(num_loops=1, vocab_size=v), 32, 12)
+  assert v == 384 and r1['steps'] == 12 and deep2['steps'] == want == 8
+  assert deep2['train_tokens'] == want * 4 * 32 and r1['train_tokens'] == 12 * 4 * 32
+  per_step = deep2['train_flops'] / deep2['steps']
+  assert abs(deep2['train_flops'] - r1['train_flops']) <= per_step / 2
+  # Mean ± std (ddof=1) over the two seeds, which differ.
+  summ = {s['name']: s for s in out['summary']}
+  for name in ('r1', 'deep2'):
+    losses = [res[name, s]['final_val_loss'] for s in (0, 1)]
+    st = summ[name]['final_val_loss']
+    assert st['n'] == 2 and st['mean'] == pytest.approx(np.mean(losses))
+    assert st['std'] == pytest.approx(np.std(losses, ddof=1)) and st['std'] > 0
+    assert summ[name]['steps'] == res[name, 0]['steps']
+  md = (root / 'sweep.md').read_text()
+  assert md.count('\n| ') == 3 and md.count(' ± ') >= 4 and 'Equal training FLOPs' in md
+  assert f"{summ['r1']['final_val_loss']['mean']:.4f} ± " in md
+  saved = json.loads((root / 'sweep_summary.json').read_text())
+  assert saved['reference'] == 'r1' and saved['seeds'] == [0, 1]
+  for png in ('val_loss_vs_loops.png', 'loss_curves.png'):
+    assert (root / png).stat().st_size > 5000
+
+  # Resume: no run trains again; nothing in the run dirs (checkpoints, results) is rewritten.
+  def stamps():
+    return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+            for d, _, files in os.walk(root) if d != str(root) and 'data_cache' not in d
+            for f in files}
+  before = stamps()
+  logs2 = []
+  out2 = sweep.run_sweep(cfg, str(root), log=logs2.append)
+  assert stamps() == before
+  assert sum('finished earlier, skipping' in m for m in logs2) == 4
+  assert not any('training' in m for m in logs2)
+  assert out2['table'] == out['table']
