@@ -109,12 +109,7 @@ def run_perplexity(model, tokenizer, info: dict, *, out_path: str, config=None,
     out['byte_counts_agree'] = result.bytes == out['text_bytes']
   else:
     out['byte_counts_agree'] = result.bytes == out['data_stats'].get('val_eval_bytes')
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  with open(out_path + '.tmp', 'w') as f:
-    json.dump(out, f, indent=2, sort_keys=True)
-  os.replace(out_path + '.tmp', out_path)
-  out['out_path'] = out_path
-  return out
+  return _write_result(out, out_path)
 
 
 def run_synthetic(model, info: dict, *, out_path: str, config=None, batch_size: int = 0,
@@ -126,6 +121,11 @@ def run_synthetic(model, info: dict, *, out_path: str, config=None, batch_size: 
   out: dict[str, Any] = dict(suite='synthetic', model=info)
   out.update(synthetic.evaluate_run(model, config.data, batch_size=batch_size or 64,
                                     limit=limit))
+  return _write_result(out, out_path)
+
+
+def _write_result(out: dict, out_path: str) -> dict:
+  """Writes a suite's result JSON atomically (a reader never sees half a file)."""
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   with open(out_path + '.tmp', 'w') as f:
     json.dump(out, f, indent=2, sort_keys=True)
