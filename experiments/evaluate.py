@@ -12,10 +12,7 @@ imported Hugging Face directory (--hf_dir). `run(...)` is the same thing as a fu
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from typing import Any, Optional
+from typing import Any
 
 from absl import app, flags
 

@@ -9,7 +9,6 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from experiments.common import define_config_file, fail, quiet_library_logs, run
 
 define_config_file('pretrain', 'config', None, 'Experiment config, e.g. configs/r2.py[:preset].',
