@@ -13,13 +13,18 @@ from experiments.common import define_config_file, quiet_library_logs, run
 
 _CONFIG = define_config_file('sweep', 'config', 'configs/sweep.py', 'Sweep config file.',
                              lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/sweep', 'Root dir; one sub-dir per variant.')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', '', 'Root dir, one sub-dir per (variant, seed); default runs/sweep for the default '
+    'preset, runs/sweep-PRESET for the others.')
 
 
 def main(argv):
   del argv
   quiet_library_logs()
-  sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
+  config = _CONFIG.value
+  preset = config.get('preset', 'default')
+  default_root = 'runs/sweep' if preset == 'default' else f'runs/sweep-{preset}'
+  sweep.run_sweep(config, _WORKDIR.value or default_root)
 
 
 if __name__ == '__main__':

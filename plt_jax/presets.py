@@ -25,7 +25,9 @@ then evaluates, diagnoses and decode-benchmarks each. sweep.budget: 'steps' (eve
 same steps) or 'flops' (the training FLOPs of r1, or of the first variant); sweep.seeds: every
 variant once per seed (the same seed: the same init and data order), reported as mean +- std.
 Its presets: 'default' (this 2-core CPU: 38.4 minutes measured, quiet machine), '125m', '1b'
-(accelerators). Override e.g. --config.sweep.variants=r1,r2 --config.train.steps=500.
+(accelerators), and the synthetic-task study 'phop' (SWEEP_TASKS: r1, deep2, vanilla2, r2..r4 x 3
+seeds on one-hop induction with a one-layer block). Override e.g. --config.sweep.variants=r1,r2
+--config.train.steps=500.
 """
 from __future__ import annotations
 
@@ -55,6 +57,25 @@ SWEEP_TRAIN = {
     # Smaller than a single default run so that all five variants fit in ~45 CPU minutes (150
     # steps took an estimated 45-50 on a quiet machine; 120 took 38.4 measured).
     'default': dict(steps=120, batch_size=16, seq_len=256, eval_every=40, ckpt_every=40),
+}
+
+
+# Synthetic-task sweeps, `configs/sweep.py:<task>`: the 'default' sweep config with the task as the
+# data, a smaller block of shared layers and a budget that fits the whole study (r1, deep2,
+# vanilla2 and PLT r2..r4, three seeds each) in an hour of a 2-core CPU.
+SWEEP_TASKS = {
+    # p-hop induction with one hop: the answer is the symbol after the last earlier occurrence of
+    # the final symbol. That needs two attention layers in sequence (one that copies each
+    # position's predecessor into it, one that matches the final symbol against those copies), so
+    # with a block of one layer r1 cannot solve it and every two-pass variant can. Chosen by
+    # measurement, 1 seed each: with L=1 at length 16 / alphabet 8 neither r1 nor deep2 got
+    # past 31-33% exact match in 1500 steps (chance 12.5%); at length 8 / alphabet 4 (chance 25%)
+    # deep2's held-out loss fell from 0.39 to 0.003 between steps 375 and 750 while r1 stayed at
+    # 0.47, so 1000 steps leave room for a late transition. lr 1e-3 trained both better than 3e-3.
+    'phop': dict(
+        task='phop', task_params=dict(hops=1, length=8, alphabet=4), num_layers=1,
+        train=dict(steps=1000, batch_size=16, seq_len=128), eval_every=250, ckpt_every=500,
+        peak_lr=1e-3, variants='r1,deep2,vanilla2,r2,r3,r4', seeds=(0, 1, 2)),
 }
 
 
@@ -146,9 +167,16 @@ def r4(preset: Optional[str] = None) -> ml_collections.ConfigDict:
 
 
 def sweep_config(preset: Optional[str] = 'default') -> ml_collections.ConfigDict:
-  """The sweep's config: `get_config(preset, num_loops=2)`, SWEEP_TRAIN and a sweep section."""
+  """The sweep's config: `get_config(preset, num_loops=2)`, SWEEP_TRAIN and a sweep section.
+
+  A name of SWEEP_TASKS ('phop') gives the 'default' shape trained on that synthetic task.
+  """
   preset = preset or 'default'
-  cfg = get_config(preset, num_loops=2)
+  task = SWEEP_TASKS.get(preset)
+  if task is None and preset not in TRAIN_PRESETS:
+    raise ValueError(f'unknown sweep preset {preset!r}; choose one of '
+                     f'{sorted(TRAIN_PRESETS) + sorted(SWEEP_TASKS)}')
+  cfg = get_config('default' if task else preset, num_loops=2)
   for k, v in SWEEP_TRAIN.get(preset, {}).items():
     if k == 'eval_every':
       cfg.eval.every = v
@@ -168,4 +196,16 @@ def sweep_config(preset: Optional[str] = 'default') -> ml_collections.ConfigDict
       decode_prompt_len=64,             # decode latency: prompt tokens, then
       decode_steps=48,                  # timed single-token steps at batch 1
   ))
+  if task:
+    cfg.preset = preset
+    cfg.data.source = 'synthetic'
+    cfg.data.task = task['task']
+    cfg.data.task_params.update(task['task_params'])
+    cfg.model.num_layers = task['num_layers']
+    cfg.train.update(task['train'])
+    cfg.eval.every = task['eval_every']
+    cfg.checkpoint.every = task['ckpt_every']
+    cfg.optimizer.peak_lr = task['peak_lr']
+    cfg.sweep.update(variants=task['variants'], seeds=task['seeds'], diagnose_batches=2,
+                     decode_steps=16)
   return cfg

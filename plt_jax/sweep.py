@@ -16,8 +16,13 @@ and plots report mean +- std (ddof=1) over seeds; with one seed the cells are th
 Each run lives in <root>/<name>/ (one default seed) or <root>/<name>-seed<S>/ (explicit seeds), a
 normal training work dir, and is finished when its sweep_result.json exists, so an interrupted
 sweep resumes: finished runs are skipped, a half-trained one resumes from its checkpoint.
-Outputs in <root>: sweep.md (the table), sweep.json (every run), sweep_summary.json (per variant),
-val_loss_vs_loops.png, loss_curves.png.
+Synthetic tasks (data.source='synthetic') add each run's exact-match accuracy on the task's fixed
+held-out set (`plt_jax.evaluation.synthetic`) to the table and plot it against R.
+
+Outputs in <root>: sweep.md (the table), sweep.json (every run), sweep_summary.json (per variant,
+and the gain-cost points), accuracy_vs_loops.png (synthetic tasks), val_loss_vs_loops.png,
+loss_curves.png, gain_cost.png (per loop r >= 2 of each looped variant: the refinement gain, step
+size and logit-lens KL, against the offset cost Omega(r), mean +- std over seeds).
 """
 from __future__ import annotations
 
@@ -173,6 +178,11 @@ def run_variant(config, name, num_loops, loop_mode, root, *, seed: Optional[int]
   sw = config.sweep
   diag, diag_paths = diagnostics.diagnose_workdir(workdir, max_batches=sw.diagnose_batches)
   lat = decode_latency(model, batch=1, prompt_len=sw.decode_prompt_len, steps=sw.decode_steps)
+  exact_match = None
+  if saved_cfg.data.source == 'synthetic':
+    from plt_jax.evaluation import synthetic  # pylint: disable=import-outside-toplevel
+    exact_match = synthetic.evaluate_run(model, saved_cfg.data)['accuracy']
+    log(f'[sweep] {name} seed {seed}: exact match {exact_match:.4f} on the held-out set')
   t = saved_cfg.train
   fpt = flops_lib.flops_per_token(mcfg, int(t.seq_len))
   tokens = int(t.steps) * int(t.batch_size) * int(t.seq_len)
@@ -182,7 +192,8 @@ def run_variant(config, name, num_loops, loop_mode, root, *, seed: Optional[int]
       params=mcfg.param_count(), steps=int(t.steps), train_tokens=tokens,
       train_flops=fpt['train'] * tokens,
       final_val_loss=summary['final_val_loss'], first_val_loss=summary['first_val_loss'],
-      final_val_ppl=math.exp(summary['final_val_loss']), tokens_per_s=summary['tokens_per_s'],
+      final_val_ppl=math.exp(summary['final_val_loss']), exact_match=exact_match,
+      tokens_per_s=summary['tokens_per_s'],
       train_seconds=summary['wall_seconds'], decode=lat, diagnostics=diag,
       diagnostics_dir=os.path.dirname(diag_paths[0]), metrics=summary['metrics'])
   with open(done + '.tmp', 'w') as f:
@@ -232,28 +243,60 @@ def summarize(results: list[dict]) -> list[dict]:
                kv_bytes=first['decode']['kv_bytes'],
                final_val_loss=mean_std(r['final_val_loss'] for r in runs),
                final_val_ppl=mean_std(r['final_val_ppl'] for r in runs),
+               exact_match=mean_std(r.get('exact_match') for r in runs),
                decode_ms=mean_std(r['decode']['latency_s'] * 1e3 for r in runs),
                mean_gate=mean_std(_mean_gate(r['diagnostics']) for r in runs))
     for k in _LAST:
       row[k] = mean_std(r['diagnostics'][k][-1] for r in runs)
     row['metrics'] = [r['metrics'] for r in runs]
+    row['runs'] = [dict(seed=r.get('seed'), diagnostics=r['diagnostics']) for r in runs]
     out.append(row)
   return out
 
 
+def _has_accuracy(summary: list[dict]) -> bool:
+  return any(s['exact_match']['mean'] is not None for s in summary)
+
+
 def markdown_table(summary: list[dict]) -> str:
-  head = ('| variant | seeds | params | steps | train tokens | train FLOPs | val loss | val ppl | '
+  accuracy = _has_accuracy(summary)
+  head = ('| variant | seeds | params | steps | train tokens | train FLOPs | '
+          + ('exact match | ' if accuracy else '') + 'val loss | val ppl | '
           'decode ms/token (B=1) | KV bytes | step size (last) | alignment (last) | '
           'eff. rank (last) | offset cost (last) | mean gate |')
   lines = [head, '|' + '---|' * (head.count('|') - 1)]
   for s in summary:
     lines.append(
         f"| {s['name']} | {len(s['seeds'])} | {s['params'] / 1e6:.2f}M | {_fmt(s['steps'], 'd')} | "
-        f"{s['train_tokens']:,} | {s['train_flops']:.3g} | {_pm(s['final_val_loss'], '.4f')} | "
+        f"{s['train_tokens']:,} | {s['train_flops']:.3g} | "
+        + (f"{_pm(s['exact_match'], '.3f')} | " if accuracy else '')
+        + f"{_pm(s['final_val_loss'], '.4f')} | "
         f"{_pm(s['final_val_ppl'], '.2f')} | {_pm(s['decode_ms'], '.2f')} | {s['kv_bytes']:,} | "
         f"{_pm(s['step_size'], '.3g')} | {_pm(s['alignment'], '.3f')} | "
         f"{_pm(s['effective_rank'], '.1f')} | {_pm(s['offset_cost'], '.3g')} | "
         f"{_pm(s['mean_gate'], '.3f')} |")
+  return '\n'.join(lines)
+
+
+def depth_check(summary: list[dict]) -> str:
+  """'deepN - r1' exact-match gaps in units of the larger seed std (the calibration reading)."""
+  by = {s['name']: s for s in summary}
+  r1 = by.get('r1')
+  if r1 is None or r1['exact_match']['mean'] is None:
+    return ''
+  lines = []
+  for s in summary:
+    if s['kind'] != 'deep' or s['exact_match']['mean'] is None:
+      continue
+    gap = s['exact_match']['mean'] - r1['exact_match']['mean']
+    stds = [x['exact_match']['std'] for x in (s, r1) if x['exact_match']['std'] is not None]
+    if not stds:
+      lines.append(f"Depth check: {s['name']} - r1 exact match = {gap:+.3f} (one seed, no std).")
+      continue
+    sigma = max(stds)
+    ratio = gap / sigma if sigma > 0 else math.copysign(math.inf, gap) if gap else 0.0
+    lines.append(f"Depth check: {s['name']} - r1 exact match = {gap:+.3f}, {ratio:.1f} x the "
+                 f"larger seed std ({sigma:.3g}); the task needs depth if this exceeds 3.")
   return '\n'.join(lines)
 
 
@@ -272,36 +315,103 @@ def _mean_curve(paths: list[str], split: str):
   return np.asarray(steps), mean, std
 
 
-def plot(summary: list[dict], root: str) -> list[str]:
-  # Figures, not pyplot: no global backend switch (a notebook's inline plots keep working).
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+def _per_loop(runs_diagnostics: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and std (ddof=1; 0 for one seed) over seeds of a per-loop diagnostic, [R] each."""
+  v = np.asarray([[np.nan if x is None else x for x in d[key]] for d in runs_diagnostics],
+                 dtype=np.float64)
+  std = v.std(axis=0, ddof=1) if v.shape[0] >= 2 else np.zeros(v.shape[1])
+  return v.mean(axis=0), std
+
+
+def _vs_loops(fig, summary: list[dict], key: str, ylabel: str, n_seeds: int) -> None:
+  """One metric against R: PLT as a line, vanilla and deep as separate markers, std bars."""
+  ax = fig.subplots()
 
   def err(s):
-    return s['final_val_loss']['std'] or 0.0
+    return s[key]['std'] or 0.0
 
-  paths = []
-  plt_runs = sorted([s for s in summary if s['kind'] == 'plt'], key=lambda s: s['R'])
-  fig = Figure(figsize=(5.5, 3.8))
-  ax = fig.subplots()
+  plt_runs = sorted([s for s in summary if s['kind'] == 'plt' and s[key]['mean'] is not None],
+                    key=lambda s: s['R'])
   if plt_runs:
-    ax.errorbar([s['R'] for s in plt_runs], [s['final_val_loss']['mean'] for s in plt_runs],
+    ax.errorbar([s['R'] for s in plt_runs], [s[key]['mean'] for s in plt_runs],
                 yerr=[err(s) for s in plt_runs], marker='o', capsize=3, label='PLT')
   for kind, marker, color in (('vanilla', 's', 'C3'), ('deep', '^', 'C2')):
     for s in summary:
-      if s['kind'] == kind:
-        ax.errorbar([s['R']], [s['final_val_loss']['mean']], yerr=[err(s)], marker=marker,
+      if s['kind'] == kind and s[key]['mean'] is not None:
+        ax.errorbar([s['R']], [s[key]['mean']], yerr=[err(s)], marker=marker,
                     color=color, capsize=3, linestyle='none', zorder=3,
                     label=f"{kind} {'R' if kind == 'vanilla' else 'x'}={s['R']}")
   ax.set_xlabel('loops R (deep: layer multiple)')
-  n_seeds = max(len(s['seeds']) for s in summary)
-  ax.set_ylabel('final validation loss (nats/token)' + (
-      f'\nmean ± std over {n_seeds} seeds' if n_seeds > 1 else ''))
+  ax.set_ylabel(ylabel + (f'\nmean ± std over {n_seeds} seeds' if n_seeds > 1 else ''))
   ax.set_xticks(sorted({s['R'] for s in summary}))
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  paths.append(os.path.join(root, 'val_loss_vs_loops.png'))
-  fig.savefig(paths[-1], dpi=120)
+
+
+_GAINS = (('step_size', 'refinement step ||h_r - h_(r-1)||'),
+          ('lens_kl', 'logit-lens KL(p_r || p_(r-1))'))
+
+
+def gain_cost_points(summary: list[dict]) -> list[dict]:
+  """Per looped variant and loop r >= 2: offset cost and refinement gains, mean/std over seeds."""
+  out = []
+  for s in summary:
+    if s['kind'] == 'deep' or s['R'] < 2:
+      continue
+    diags = [r['diagnostics'] for r in s['runs']]
+    cost, cost_std = _per_loop(diags, 'offset_cost')
+    gains = {k: _per_loop(diags, k) for k, _ in _GAINS}
+    for r in range(2, s['R'] + 1):
+      point = dict(name=s['name'], kind=s['kind'], R=s['R'], loop=r,
+                   offset_cost=float(cost[r - 1]), offset_cost_std=float(cost_std[r - 1]))
+      for k, (mean, std) in gains.items():
+        point[k], point[k + '_std'] = float(mean[r - 1]), float(std[r - 1])
+      out.append(point)
+  return out
+
+
+def _gain_cost(fig, points: list[dict], n_seeds: int) -> None:
+  """The refinement gain of each loop against its offset cost Omega(r), one panel per gain."""
+  axes = fig.subplots(1, len(_GAINS))
+  names = list(dict.fromkeys(p['name'] for p in points))
+  for ax, (key, label) in zip(axes, _GAINS):
+    for i, name in enumerate(names):
+      pts = [p for p in points if p['name'] == name]
+      ax.errorbar([p['offset_cost'] for p in pts], [p[key] for p in pts],
+                  xerr=[p['offset_cost_std'] for p in pts], yerr=[p[key + '_std'] for p in pts],
+                  marker='s' if pts[0]['kind'] == 'vanilla' else 'o', color=f'C{i}', capsize=2,
+                  label=name)
+      for p in pts:
+        ax.annotate(f"r={p['loop']}", (p['offset_cost'], p[key]), fontsize=7,
+                    textcoords='offset points', xytext=(4, 3))
+    ax.set_xlabel('offset cost Ω(r) = mean ||h_(r-1)[i] - h_(r-1)[i-1]||')
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle('gain vs cost per loop' + (f' (mean ± std, {n_seeds} seeds)' if n_seeds > 1
+                                          else ''), fontsize=10)
+  fig.tight_layout()
+
+
+def plot(summary: list[dict], root: str) -> list[str]:
+  # Figures, not pyplot: no global backend switch (a notebook's inline plots keep working).
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  paths = []
+  n_seeds = max(len(s['seeds']) for s in summary)
+
+  def save(fig, name):
+    paths.append(os.path.join(root, name))
+    fig.savefig(paths[-1], dpi=120)
+
+  if _has_accuracy(summary):
+    fig = Figure(figsize=(5.5, 3.8))
+    _vs_loops(fig, summary, 'exact_match', 'held-out exact-match accuracy', n_seeds)
+    save(fig, 'accuracy_vs_loops.png')
+  fig = Figure(figsize=(5.5, 3.8))
+  _vs_loops(fig, summary, 'final_val_loss', 'final validation loss (nats/token)', n_seeds)
+  save(fig, 'val_loss_vs_loops.png')
 
   fig = Figure(figsize=(11, 3.8))
   axes = fig.subplots(1, 2)
@@ -318,8 +428,13 @@ def plot(summary: list[dict], root: str) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  paths.append(os.path.join(root, 'loss_curves.png'))
-  fig.savefig(paths[-1], dpi=120)
+  save(fig, 'loss_curves.png')
+
+  points = gain_cost_points(summary)
+  if points:
+    fig = Figure(figsize=(11, 4.2))
+    _gain_cost(fig, points, n_seeds)
+    save(fig, 'gain_cost.png')
   return paths
 
 
@@ -334,9 +449,12 @@ def run_sweep(config: ml_collections.ConfigDict, root: str, *, log=print) -> dic
   t0 = time.time()
 
   done: dict[tuple[str, int], dict] = {}
+  total = len(variants) * len(seeds)
 
   def run(v, seed, steps):
     if (v[0], seed) not in done:
+      log(f'[sweep] run {len(done) + 1}/{total}: {v[0]} seed {seed} '
+          f'({(time.time() - t0) / 60:.1f} min so far)')
       done[v[0], seed] = run_variant(config, *v, root, seed=seed, steps=steps, per_seed=per_seed,
                                      log=log)
     return done[v[0], seed]
@@ -366,6 +484,9 @@ def run_sweep(config: ml_collections.ConfigDict, root: str, *, log=print) -> dic
     f.write(f'Seeds: {", ".join(map(str, seeds))}' + (
         '; cells are mean ± std (ddof=1) over seeds.\n\n' if len(seeds) > 1 else '.\n\n'))
     f.write(table + '\n\n')
+    check = depth_check(summary)
+    if check:
+      f.write(check + '\n\n')
     for p in paths:
       f.write(f'![{os.path.basename(p)}]({os.path.basename(p)})\n')
   from plt_jax.diagnostics import _json_safe  # pylint: disable=import-outside-toplevel
@@ -373,8 +494,13 @@ def run_sweep(config: ml_collections.ConfigDict, root: str, *, log=print) -> dic
     json.dump(_json_safe(results), f, indent=2)
   with open(os.path.join(root, 'sweep_summary.json'), 'w') as f:
     json.dump(_json_safe(dict(budget=budget, reference=ref[0], seeds=list(seeds),
-                              variants=summary)), f, indent=2)
+                              variants=[{k: v for k, v in s.items() if k != 'runs'}
+                                        for s in summary],
+                              gain_cost=gain_cost_points(summary),
+                              depth_check=check)), f, indent=2)
   log(table)
+  if check:
+    log(check)
   log(f'[sweep] done in {(time.time() - t0) / 60:.1f} min. Wrote {md}, '
       f'{os.path.join(root, "sweep.json")}, ' + ', '.join(paths))
   return {'results': results, 'summary': summary, 'table': table, 'markdown': md,

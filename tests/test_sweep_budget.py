@@ -152,3 +152,95 @@ def test_tiny_sweep_two_seeds_equal_flops_resumes(tmp_path):
   assert sum('finished earlier, skipping' in m for m in logs2) == 4
   assert not any('training' in m for m in logs2)
   assert out2['table'] == out['table']
+
+
+def _fake_variant(name, kind, R, diags, exact=None):
+  stat = sweep.mean_std
+  return dict(name=name, kind=kind, R=R, seeds=list(range(len(diags))),
+              exact_match=stat([exact] if exact is not None else []),
+              final_val_loss=stat([1.0]), runs=[dict(seed=i, diagnostics=d)
+                                                for i, d in enumerate(diags)])
+
+
+def test_gain_cost_points_average_over_seeds():
+  nan = float('nan')
+  d = [dict(offset_cost=[nan, 2.0, 4.0], step_size=[9.0, 1.0, 0.5], lens_kl=[nan, 0.3, 0.1]),
+       dict(offset_cost=[nan, 3.0, 5.0], step_size=[8.0, 2.0, 1.5], lens_kl=[nan, 0.5, None])]
+  summary = [_fake_variant('r1', 'plt', 1, [dict(offset_cost=[nan], step_size=[1.0],
+                                                 lens_kl=[nan])]),
+             _fake_variant('deep2', 'deep', 2, d[:1]),
+             _fake_variant('r3', 'plt', 3, d)]
+  pts = sweep.gain_cost_points(summary)
+  # Only looped variants with R >= 2, one point per loop r = 2..R; r1 and deep2 have none.
+  assert [(p['name'], p['loop']) for p in pts] == [('r3', 2), ('r3', 3)]
+  p2, p3 = pts
+  assert p2['offset_cost'] == 2.5 and p2['offset_cost_std'] == pytest.approx(np.std([2, 3], ddof=1))
+  assert p2['step_size'] == 1.5 and p2['lens_kl'] == pytest.approx(0.4)
+  assert p3['step_size'] == 1.0 and p3['step_size_std'] == pytest.approx(np.std([0.5, 1.5], ddof=1))
+  assert np.isnan(p3['lens_kl'])        # a missing seed value is not averaged away silently
+
+
+def test_table_has_exact_match_only_for_tasks():
+  def row(name, exact):
+    v = _fake_variant(name, 'plt', 1, [dict(offset_cost=[0.0], step_size=[1.0], lens_kl=[0.0])],
+                      exact)
+    v.update(params=1e6, steps=10, train_tokens=100, train_flops=1e9, kv_bytes=10,
+             final_val_ppl=sweep.mean_std([2.7]), decode_ms=sweep.mean_std([1.0]),
+             mean_gate=sweep.mean_std([]))
+    for k in sweep._LAST:  # pylint: disable=protected-access
+      v[k] = sweep.mean_std([1.0])
+    return v
+  text = sweep.markdown_table([row('r1', None)])
+  assert 'exact match' not in text
+  text = sweep.markdown_table([row('r1', 0.25), row('r2', 0.875)])
+  assert 'exact match' in text and '| 0.250 |' in text and '| 0.875 |' in text
+
+
+@pytest.mark.slow
+def test_tiny_synthetic_sweep_reports_exact_match_and_gain_cost(tmp_path):
+  from plt_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from plt_jax.evaluation import synthetic  # pylint: disable=import-outside-toplevel
+  cfg = sweep_config.get_config()
+  cfg.model.update(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=48,
+                   window_size=5, max_seq_len=128)
+  cfg.train.update(steps=6, batch_size=4, seq_len=32, progress=False)
+  cfg.data.update(source='synthetic', task='phop', task_heldout=24, val_batches=2)
+  cfg.data.task_params.update(hops=1, length=9, alphabet=4)
+  cfg.mesh.num_devices = 1
+  cfg.checkpoint.every = 6
+  cfg.eval.every = 3
+  cfg.sweep.update(variants='r1,r2', seeds=(0, 1), diagnose_batches=1, decode_prompt_len=8,
+                   decode_steps=2)
+  root = tmp_path / 'sweep'
+  out = sweep.run_sweep(cfg, str(root), log=lambda *_: None)
+  res = {(r['name'], r['seed']): r for r in out['results']}
+  # Each run's exact match is the synthetic suite's accuracy on its held-out set.
+  model, saved, _ = ckpt_lib.load_for_inference(str(root / 'r2-seed1'))
+  again = synthetic.evaluate_run(model, saved.data)
+  assert again['total'] == 24 and res['r2', 1]['exact_match'] == again['accuracy']
+  summ = {s['name']: s for s in out['summary']}
+  for name in ('r1', 'r2'):
+    accs = [res[name, s]['exact_match'] for s in (0, 1)]
+    assert all(0.0 <= a <= 1.0 and a * 24 == round(a * 24) for a in accs)
+    assert summ[name]['exact_match']['mean'] == pytest.approx(np.mean(accs))
+  assert 'exact match' in out['table']
+  saved_summary = json.loads((root / 'sweep_summary.json').read_text())
+  (pt,) = saved_summary['gain_cost']
+  assert (pt['name'], pt['loop']) == ('r2', 2)
+  assert pt['offset_cost'] == pytest.approx(
+      np.mean([res['r2', s]['diagnostics']['offset_cost'][1] for s in (0, 1)]))
+  for png in ('accuracy_vs_loops.png', 'val_loss_vs_loops.png', 'loss_curves.png',
+              'gain_cost.png'):
+    assert (root / png).stat().st_size > 5000
+
+
+def test_depth_check_in_seed_stds():
+  def v(name, kind, accs):
+    return dict(name=name, kind=kind, exact_match=sweep.mean_std(accs))
+  text = sweep.depth_check([v('r1', 'plt', [0.30, 0.34, 0.32]), v('deep2', 'deep', [1.0, 0.98, 0.96])])
+  # gap 0.66; the larger std is 0.02 (both are), so 33 x.
+  assert 'deep2 - r1 exact match = +0.660, 33.0 x the larger seed std (0.02)' in text
+  assert sweep.depth_check([v('r1', 'plt', [0.3]), v('deep2', 'deep', [0.5])]).endswith(
+      '(one seed, no std).')
+  assert sweep.depth_check([v('r2', 'plt', [0.3]), v('deep2', 'deep', [0.5])]) == ''
+  assert sweep.depth_check([v('r1', 'plt', [])]) == ''
