@@ -244,3 +244,20 @@ def test_depth_check_in_seed_stds():
       '(one seed, no std).')
   assert sweep.depth_check([v('r2', 'plt', [0.3]), v('deep2', 'deep', [0.5])]) == ''
   assert sweep.depth_check([v('r1', 'plt', [])]) == ''
+
+
+def test_phop_preset_is_the_calibrated_study():
+  from plt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  cfg = sweep_config.get_config('phop')
+  assert cfg.preset == 'phop' and cfg.data.source == 'synthetic' and cfg.data.task == 'phop'
+  spec = data_lib.task_spec(cfg.data)
+  assert (spec.hops, spec.length, spec.alphabet) == (1, 8, 4)
+  assert cfg.model.num_layers == 1 and cfg.sweep.budget == 'steps'
+  assert [n for n, _, _ in sweep.parse_variants(cfg.sweep.variants)] == [
+      'r1', 'deep2', 'vanilla2', 'r2', 'r3', 'r4']
+  assert tuple(cfg.sweep.seeds) == (0, 1, 2)
+  assert spec.max_len <= cfg.train.seq_len
+  # The text presets are untouched by it.
+  assert sweep_config.get_config().data.source == 'stdlib'
+  with pytest.raises(ValueError, match="unknown sweep preset 'phpo'"):
+    sweep_config.get_config('phpo')
