@@ -72,6 +72,8 @@ SWEEP_TASKS = {
     # past 31-33% exact match in 1500 steps (chance 12.5%); at length 8 / alphabet 4 (chance 25%)
     # deep2's held-out loss fell from 0.39 to 0.003 between steps 375 and 750 while r1 stayed at
     # 0.47, so 1000 steps leave room for a late transition. lr 1e-3 trained both better than 3e-3.
+    # The whole preset then measured (3 seeds, 30.5 min): r1 0.565 +- 0.043 exact match, deep2
+    # 1.000 +- 0.000, i.e. 10.1 seed stds apart (see the README).
     'phop': dict(
         task='phop', task_params=dict(hops=1, length=8, alphabet=4), num_layers=1,
         train=dict(steps=1000, batch_size=16, seq_len=128), eval_every=250, ckpt_every=500,

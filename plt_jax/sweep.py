@@ -278,8 +278,12 @@ def markdown_table(summary: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def depth_check(summary: list[dict]) -> str:
-  """'deepN - r1' exact-match gaps in units of the larger seed std (the calibration reading)."""
+def depth_check(summary: list[dict], heldout: int = 0) -> str:
+  """'deepN - r1' exact-match gaps in units of the larger seed std (the calibration reading).
+
+  heldout: the held-out set's size; when given, the gap is also put against the sampling error
+  of two accuracies measured on that many instances, sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n).
+  """
   by = {s['name']: s for s in summary}
   r1 = by.get('r1')
   if r1 is None or r1['exact_match']['mean'] is None:
@@ -288,15 +292,22 @@ def depth_check(summary: list[dict]) -> str:
   for s in summary:
     if s['kind'] != 'deep' or s['exact_match']['mean'] is None:
       continue
-    gap = s['exact_match']['mean'] - r1['exact_match']['mean']
+    p_deep, p_r1 = s['exact_match']['mean'], r1['exact_match']['mean']
+    gap = p_deep - p_r1
     stds = [x['exact_match']['std'] for x in (s, r1) if x['exact_match']['std'] is not None]
-    if not stds:
-      lines.append(f"Depth check: {s['name']} - r1 exact match = {gap:+.3f} (one seed, no std).")
-      continue
-    sigma = max(stds)
-    ratio = gap / sigma if sigma > 0 else math.copysign(math.inf, gap) if gap else 0.0
-    lines.append(f"Depth check: {s['name']} - r1 exact match = {gap:+.3f}, {ratio:.1f} x the "
-                 f"larger seed std ({sigma:.3g}); the task needs depth if this exceeds 3.")
+    line = f"Depth check: {s['name']} - r1 exact match = {gap:+.3f}"
+    if stds:
+      sigma = max(stds)
+      ratio = gap / sigma if sigma > 0 else math.copysign(math.inf, gap) if gap else 0.0
+      line += (f", {ratio:.1f} x the larger seed std ({sigma:.3g}); the task needs depth if this "
+               'exceeds 3')
+    else:
+      line += ' (one seed, no std)'
+    if heldout:
+      se = math.sqrt((p_deep * (1 - p_deep) + p_r1 * (1 - p_r1)) / heldout)
+      line += (f'; {gap / se:.1f} x the sampling error of the gap on {heldout} held-out '
+               f'instances ({se:.3g})' if se > 0 else '')
+    lines.append(line + '.')
   return '\n'.join(lines)
 
 
@@ -394,7 +405,8 @@ def _gain_cost(fig, points: list[dict], n_seeds: int) -> None:
   fig.tight_layout()
 
 
-def plot(summary: list[dict], root: str) -> list[str]:
+def plot(summary: list[dict], root: str, points: Optional[list[dict]] = None) -> list[str]:
+  """Writes the sweep's figures into root; points: `gain_cost_points(summary)` if computed."""
   # Figures, not pyplot: no global backend switch (a notebook's inline plots keep working).
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
@@ -430,7 +442,7 @@ def plot(summary: list[dict], root: str) -> list[str]:
   fig.tight_layout()
   save(fig, 'loss_curves.png')
 
-  points = gain_cost_points(summary)
+  points = gain_cost_points(summary) if points is None else points
   if points:
     fig = Figure(figsize=(11, 4.2))
     _gain_cost(fig, points, n_seeds)
@@ -469,7 +481,8 @@ def run_sweep(config: ml_collections.ConfigDict, root: str, *, log=print) -> dic
   results = [run(v, seed, steps[v[0]]) for seed in seeds for v in variants]
   summary = summarize(results)
   table = markdown_table(summary)
-  paths = plot(summary, root)
+  points = gain_cost_points(summary)
+  paths = plot(summary, root, points)
   md = os.path.join(root, 'sweep.md')
   with open(md, 'w') as f:
     f.write('# Loop-count sweep\n\n')
@@ -484,7 +497,8 @@ def run_sweep(config: ml_collections.ConfigDict, root: str, *, log=print) -> dic
     f.write(f'Seeds: {", ".join(map(str, seeds))}' + (
         '; cells are mean ± std (ddof=1) over seeds.\n\n' if len(seeds) > 1 else '.\n\n'))
     f.write(table + '\n\n')
-    check = depth_check(summary)
+    check = depth_check(summary, int(config.data.task_heldout)
+                        if config.data.source == 'synthetic' else 0)
     if check:
       f.write(check + '\n\n')
     for p in paths:
@@ -496,7 +510,7 @@ def run_sweep(config: ml_collections.ConfigDict, root: str, *, log=print) -> dic
     json.dump(_json_safe(dict(budget=budget, reference=ref[0], seeds=list(seeds),
                               variants=[{k: v for k, v in s.items() if k != 'runs'}
                                         for s in summary],
-                              gain_cost=gain_cost_points(summary),
+                              gain_cost=points,
                               depth_check=check)), f, indent=2)
   log(table)
   if check:

@@ -242,6 +242,12 @@ def test_depth_check_in_seed_stds():
   assert 'deep2 - r1 exact match = +0.660, 33.0 x the larger seed std (0.02)' in text
   assert sweep.depth_check([v('r1', 'plt', [0.3]), v('deep2', 'deep', [0.5])]).endswith(
       '(one seed, no std).')
+  # Against the held-out sampling error: p = 0.32 and 0.98 on 100 instances give
+  # sqrt((0.32 * 0.68 + 0.98 * 0.02) / 100) = 0.0487, so the gap 0.66 is 13.55 x that.
+  text = sweep.depth_check([v('r1', 'plt', [0.30, 0.34, 0.32]),
+                            v('deep2', 'deep', [1.0, 0.98, 0.96])], heldout=100)
+  assert text.endswith('; 13.6 x the sampling error of the gap on 100 held-out instances '
+                       '(0.0487).')
   assert sweep.depth_check([v('r2', 'plt', [0.3]), v('deep2', 'deep', [0.5])]) == ''
   assert sweep.depth_check([v('r1', 'plt', [])]) == ''
 
