@@ -22,10 +22,18 @@ $(LOCK):
 
 install: $(VENV)/.installed
 
+# System tools the code sandbox uses (bubblewrap for its namespaces). Installed through apt where
+# this runs as root; elsewhere the sandbox falls back to its own namespace code and says so.
+sysdeps:
+	@if command -v bwrap >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) >/dev/null; \
+	else echo "bubblewrap not installed (needs root + apt): sandbox tests that need it are skipped" >&2; fi
+
 train: install
 	$(PY) -m experiments.pretrain --config=configs/r2.py
 
-test: install
+test: install sysdeps
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 # Regenerate the locks from today's newest releases (3.12 where a python3.12 exists), then run
@@ -35,4 +43,4 @@ lock:
 	tools/lock.sh $(PYTHON)
 	@if [ -n "$(PYTHON312)" ]; then tools/lock.sh $(PYTHON312); else echo "python3.12 not found: locks/py3.12.txt left as it is"; fi
 
-.PHONY: install train test lock
+.PHONY: install sysdeps train test lock

@@ -1,6 +1,6 @@
 """Incremental decoding with KV caches: PLT's one-pass parallel step and the vanilla R-pass step.
 
-PLT (shared/design/plt.md, "Decoding"): token t's loop r needs only E[t], the saved
+PLT (docs/model.md, "Decoding"): token t's loop r needs only E[t], the saved
 hn_{r-1}[t-1] = Norm_f(h_{r-1}[t-1]) from the previous step, loop 1's cache (including token t's
 own loop-1 K/V) and the last W keys/values of loop r. So one forward pass carries all R loops of
 the newest token as R rows of one [B, R, D] block: every projection is one matmul over the R rows.

@@ -1,6 +1,6 @@
 """Parallel Loop Transformer (PLT) in Flax NNX: the math, and nothing else.
 
-A Llama/Qwen2-style decoder whose L shared layers run R times (see shared/design/plt.md):
+A Llama/Qwen2-style decoder whose L shared layers run R times (docs/model.md states it in full):
   loop 1:      h_1 = f(E)                              plain causal Llama pass, keeps K1/V1 per layer
   loop r >= 2: B_r[i] = a*E[i] + b*Norm_f(h_{r-1})[i-1]  cross-loop shift (CLP), 0 at document starts
                each layer mixes global attention over K1/V1 with windowed attention over its own K/V
