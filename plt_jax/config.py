@@ -57,10 +57,6 @@ class ModelConfig:
     """Whether loops 2..R read loop 1's keys through G-SWA (and the layers carry gates)."""
     return self.loop_mode == 'plt' and self.num_loops > 1
 
-  @property
-  def num_groups(self) -> int:
-    return self.num_heads // self.num_kv_heads
-
   def validate(self) -> None:
     def bad(field, msg):
       raise ValueError(f'ModelConfig.{field}={getattr(self, field)!r}: {msg}')

@@ -24,7 +24,6 @@ All functions here are pure: call them inside `jax.jit` on a merged model (see `
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from typing import Optional
@@ -92,10 +91,6 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int):
   z1 = lambda: tuple(jnp.zeros(kv, dt) for _ in range(L))
   zr = lambda: tuple(jnp.zeros(ring, dt) for _ in range(L)) if R > 1 else ()
   return PLTCache(z1(), z1(), zr(), zr(), jnp.zeros((R - 1, batch, cfg.d_model), dt), lengths)
-
-
-def cache_max_len(cache) -> int:
-  return (cache.k1[0] if isinstance(cache, PLTCache) else cache.k[0][0]).shape[-3]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,18 +305,19 @@ def pad_prompts(prompts, width: int, pad_id: int = 0) -> np.ndarray:
   return out
 
 
-# How many times each entry point was traced (a retrace per token would be a bug; tests read it).
-TRACE_COUNTS: collections.Counter = collections.Counter()
-
-
 def _merge(graphdef, treedef, leaves):
   return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
-@functools.lru_cache(maxsize=None)
+# Compiled entry points are shared by the Decoders of one model structure and runtime (a sweep
+# or a notebook builds many Decoders of a few models); the bound keeps a long-lived process from
+# holding every executable it ever compiled.
+_COMPILED_ENTRY_POINTS = 16
+
+
+@functools.lru_cache(maxsize=_COMPILED_ENTRY_POINTS)
 def _jitted_prefill(graphdef, treedef, rt: Runtime, compiler_options: tuple = ()):
   def _prefill(leaves, tokens, lengths, max_len, all_logits):
-    TRACE_COUNTS['prefill'] += 1
     return prefill(_merge(graphdef, treedef, leaves), tokens, lengths, max_len, rt=rt,
                    return_all_logits=all_logits)
 
@@ -329,10 +325,9 @@ def _jitted_prefill(graphdef, treedef, rt: Runtime, compiler_options: tuple = ()
   return jax.jit(_prefill, static_argnums=(3, 4), **opts)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=_COMPILED_ENTRY_POINTS)
 def _jitted_step(graphdef, treedef, rt: Runtime, compiler_options: tuple = ()):
   def _step(leaves, cache, tokens):
-    TRACE_COUNTS['step'] += 1
     return decode_step(_merge(graphdef, treedef, leaves), cache, tokens, rt)
 
   opts = {'compiler_options': dict(compiler_options)} if compiler_options else {}
@@ -370,7 +365,6 @@ class Decoder:
     self.state = jax.tree.leaves(state)
     self._treedef = jax.tree.structure(state)
     self._opts = tuple(sorted((compiler_options or {}).items()))
-    # Compiled entry points are shared by every Decoder of one model structure and runtime.
     self._prefill = _jitted_prefill(self.graphdef, self._treedef, self.runtime, self._opts)
 
   def step_runtime(self, batch: int) -> Runtime:

@@ -7,7 +7,7 @@ The model names every parameter and a few activations by *logical* axes ('embed'
   * `make_mesh` sizes the mesh from the config (-1 fills the remaining devices);
   * `ShardingConfig(mesh, rules)` is that pairing as data: the model's activation constraints and
     the kernels' per-shard calls take it explicitly (through `plt_jax.runtime.Runtime`);
-  * `param_shardings` / `shard_model` place parameters (a dimension that a mesh axis does not divide
+  * `param_shardings` places parameters (a dimension that a mesh axis does not divide
     is replicated instead of failing, so tiny test models run on any mesh).
 """
 from __future__ import annotations
@@ -141,20 +141,3 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: LogicalRules = LOGICAL_
 
 def batch_sharding(mesh: Mesh, rules: LogicalRules = LOGICAL_RULES, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (ndim - 1), rules))
-
-
-def shard_model(model: nnx.Module, mesh: Mesh, rules: LogicalRules = LOGICAL_RULES) -> nnx.Module:
-  """Places an existing model's variables on the mesh according to the rules (in place)."""
-  state = nnx.state(model)
-  shardings = param_shardings(state, mesh, rules)
-  nnx.update(model, jax.device_put(state, shardings))
-  return model
-
-
-def create_sharded(init_fn, mesh: Mesh, rules: LogicalRules = LOGICAL_RULES):
-  """Runs `init_fn() -> nnx.Module` under jit so each parameter is created directly on its shards."""
-  abstract = nnx.eval_shape(init_fn)
-  graphdef, abstract_state = nnx.split(abstract)
-  shardings = param_shardings(abstract_state, mesh, rules)
-  init_state = jax.jit(lambda: nnx.split(init_fn())[1], out_shardings=shardings)
-  return nnx.merge(graphdef, init_state())
