@@ -330,6 +330,27 @@ class PLT(nnx.Module):
     return (logits, loops) if return_loops else logits
 
 
+def with_num_loops(model: PLT, num_loops: int) -> PLT:
+  """The same weights run with `num_loops` loops (a test-time loop count R').
+
+  The returned model shares every parameter array with `model`; only the loop count in its config
+  differs, so the forward pass, prefill and cached decoding all run R' loops. A PLT trained with
+  R = 1 has no G-SWA gates, so it can only run one loop (a vanilla looped model runs any count).
+  """
+  c = model.cfg
+  if isinstance(num_loops, bool) or not isinstance(num_loops, int) or num_loops < 1:
+    raise ValueError(f'num_loops={num_loops!r}: must be an integer >= 1')
+  if num_loops == c.num_loops:
+    return model
+  new_cfg = c.replace(num_loops=num_loops)
+  if new_cfg.plt_uses_gswa and not c.plt_uses_gswa:
+    raise ValueError(f'a PLT model trained with num_loops={c.num_loops} has no G-SWA gates, so it '
+                     f'cannot run {num_loops} loops')
+  out = nnx.clone(model)   # new Variables over the same (immutable) arrays
+  out.cfg = new_cfg
+  return out
+
+
 def param_count(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 

@@ -20,7 +20,7 @@ from plt_jax import decode
 from plt_jax.config import ModelConfig
 from plt_jax.decode import Decoder, cache_nbytes, init_cache, kv_cache_bytes
 from plt_jax.generate import Generator, SamplingParams, sample_logits
-from plt_jax.model import PLT
+from plt_jax.model import PLT, with_num_loops
 from plt_jax.runtime import Runtime
 
 TINY = dict(vocab_size=97, d_model=48, num_layers=2, num_heads=6, num_kv_heads=2, ffn_dim=80,
@@ -148,6 +148,48 @@ def test_decoding_matches_full_forward(key):
     worst = max(worst, np.abs(got[i, :steps] - ref[i, n - 1:MAX_LEN - 1]).max())
   assert worst <= TOL, f'max |decode - forward| = {worst:.2e}'
   assert list(np.asarray(cache.lengths)) == [MAX_LEN + n - min(LENGTHS) for n in LENGTHS]
+
+
+@pytest.mark.parametrize('trained,run,mode', [(2, 1, 'plt'), (2, 3, 'plt'), (3, 4, 'plt'),
+                                               (4, 2, 'plt'), (2, 4, 'vanilla')])
+def test_test_time_loop_count_prefill_and_decoding(trained, run, mode):
+  """A model trained at R run at R' (shared weights): its forward is the R'-loop model's, and
+  prefill + cached steps at R' reproduce that forward."""
+  model = with_num_loops(make(trained, mode), run)
+  assert model.cfg.num_loops == run and make(trained, mode).cfg.num_loops == trained
+  toks = sequences()
+  # make() draws each weight from its name, so make(run) holds exactly the same parameters.
+  want = np.asarray(make(run, mode)(jnp.asarray(toks)))
+  got_fwd = np.asarray(model(jnp.asarray(toks)))
+  np.testing.assert_allclose(got_fwd, want, rtol=0, atol=1e-5)
+  if run != trained:
+    assert np.abs(got_fwd - np.asarray(make(trained, mode)(jnp.asarray(toks)))).max() > 1e-2
+  dec = Decoder(model, MAX_LEN, compiler_options=FAST)
+  last, cache, pre = dec.prefill([toks[i, :n] for i, n in enumerate(LENGTHS)], width=MAX_LEN,
+                                 return_all_logits=True)
+  worst = max(np.abs(np.asarray(pre)[i, :n] - want[i, :n]).max() for i, n in enumerate(LENGTHS))
+  pos = np.array(LENGTHS)
+  b = np.arange(len(LENGTHS))
+  got = [np.asarray(last)]
+  for _ in range(MAX_LEN - min(LENGTHS)):
+    logits, cache = dec.step(cache, toks[b, np.minimum(pos, MAX_LEN - 1)])
+    got.append(np.asarray(logits))
+    pos += 1
+  got = np.stack(got, 1)
+  for i, n in enumerate(LENGTHS):
+    worst = max(worst, np.abs(got[i, :MAX_LEN - n] - want[i, n - 1:MAX_LEN - 1]).max())
+  assert worst <= TOL, f'max |decode at R={run} - forward at R={run}| = {worst:.2e}'
+
+
+def test_test_time_loop_count_shares_weights_and_refuses_missing_gates():
+  model = make(2)
+  other = with_num_loops(model, 3)
+  assert other.lm_head.kernel[...] is model.lm_head.kernel[...]
+  assert with_num_loops(model, 2) is model
+  with pytest.raises(ValueError, match='num_loops=1 has no G-SWA gates'):
+    with_num_loops(make(1), 2)
+  with pytest.raises(ValueError, match='integer >= 1'):
+    with_num_loops(model, 0)
 
 
 def test_prefill_reference_is_the_forward():
