@@ -18,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 RULES = ('confidence', 'kl')
 
@@ -62,20 +63,32 @@ def loop_log_probs(model, loops, rt=None) -> jax.Array:
   return jnp.stack([jax.nn.log_softmax(model.head(lo.hidden, rt), axis=-1) for lo in loops])
 
 
+def readout_stats(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """What the rules read from logp [R, ..., V]: the top log-probability of every loop [R, ...]
+  and KL(p_r || p_{r-1}) [R, ...] (0 for the first loop)."""
+  top = jnp.max(logp, axis=-1)
+  kl = jnp.sum(jnp.exp(logp[1:]) * (logp[1:] - logp[:-1]), axis=-1)
+  return top, jnp.concatenate([jnp.zeros_like(top[:1]), kl])
+
+
+def exit_from_stats(top_logp, kl_prev, rule: ExitRule):
+  """int32 [...]: the 0-based exit loop from `readout_stats` (jax or numpy arrays)."""
+  xp = jnp if isinstance(top_logp, jax.Array) else np
+  num_loops = top_logp.shape[0]
+  if rule.never_exits or num_loops == 1:
+    return xp.full(top_logp.shape[1:], num_loops - 1, xp.int32)
+  if rule.kind == 'confidence':
+    ok = top_logp >= xp.log(xp.float32(rule.threshold))
+  else:
+    ok = (kl_prev < rule.threshold) & (xp.arange(num_loops) >= 1).reshape(
+        (num_loops,) + (1,) * (top_logp.ndim - 1))
+  ok = xp.concatenate([ok[:-1], xp.ones_like(ok[-1:])])
+  return xp.argmax(ok, axis=0).astype(xp.int32)   # argmax of bools: the first True
+
+
 def exit_loops(logp: jax.Array, rule: ExitRule) -> jax.Array:
   """int32 [...]: the 0-based loop each token exits at, from logp [R, ..., V]."""
-  num_loops = logp.shape[0]
-  last = jnp.full(logp.shape[1:-1], num_loops - 1, jnp.int32)
-  if rule.never_exits or num_loops == 1:
-    return last
-  if rule.kind == 'confidence':
-    ok = jnp.max(logp, axis=-1) >= jnp.log(jnp.float32(rule.threshold))        # [R, ...]
-  else:
-    p = jnp.exp(logp[1:])
-    kl = jnp.sum(p * (logp[1:] - logp[:-1]), axis=-1)                          # [R-1, ...]
-    ok = jnp.concatenate([jnp.zeros_like(kl[:1], bool), kl < rule.threshold])
-  ok = ok.at[-1].set(True)
-  return jnp.argmax(ok, axis=0).astype(jnp.int32)   # argmax of bools: the first True
+  return exit_from_stats(*readout_stats(logp), rule)
 
 
 def take_exit(logp: jax.Array, exit_at: jax.Array) -> jax.Array:

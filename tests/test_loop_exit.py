@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plt_jax.loop_exit import ExitRule, exit_loops, take_exit
+from plt_jax.loop_exit import ExitRule, exit_from_stats, exit_loops, readout_stats, take_exit
 
 
 def random_log_probs(seed, shape=(4, 3, 5, 7), sharpness=3.0):
@@ -43,6 +43,9 @@ def test_exit_loop_matches_reference(spec, seed):
   np.testing.assert_array_equal(got, want)
   # The thresholds above make the rule bite somewhere, and not everywhere.
   assert 0 < (got < logp.shape[0] - 1).sum() or spec in ('kl:0.05',)
+  # The host-side form (numpy statistics, as the offline evaluation uses) agrees.
+  top, kl = (np.asarray(x) for x in readout_stats(jnp.asarray(logp)))
+  np.testing.assert_array_equal(exit_from_stats(top, kl, rule), want)
   picked = np.asarray(take_exit(jnp.asarray(logp), jnp.asarray(got)))
   for idx in np.ndindex(*got.shape):
     np.testing.assert_array_equal(picked[idx], logp[(got[idx],) + idx])
