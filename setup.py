@@ -35,11 +35,13 @@ setup(
     version='0.1.0',
     description='Parallel Loop Transformers in JAX/Flax: pretraining, decoding, export',
     python_requires='>=3.11',
-    # Only plt_jax is installed. plt_jax/kernels is a symlink to ../kernels, which find_packages
-    # follows; configs/ and experiments/ are the checkout's command-line side, and the presets
-    # that configs/ reads are plt_jax.presets.
-    packages=find_packages(include=['plt_jax', 'plt_jax.*']),
-    # Non-Python files read at run time: the CPU kernel's C++ source (compiled on first use).
+    # Only plt_jax is installed. The top-level kernels/ directory is the package plt_jax.kernels
+    # (package_dir); configs/ and experiments/ are the checkout's command-line side, and the
+    # presets that configs/ reads are plt_jax.presets.
+    packages=find_packages(include=['plt_jax', 'plt_jax.*']) + ['plt_jax.kernels'] + [
+        f'plt_jax.kernels.{p}' for p in find_packages('kernels')],
+    package_dir={'plt_jax.kernels': 'kernels'},
+    # Non-Python files read at run time: the CPU kernels' C++ sources (compiled on first use).
     # plt_jax/hf/torch_src (copied into exported models) is a package, so its .py files go in.
     package_data={'plt_jax.kernels': ['cpu/*.cc', 'cpu/*.h']},
     install_requires=JAX,

@@ -1,4 +1,7 @@
-"""Kernels behind `plt_jax.attention`, installed as `plt_jax.kernels`.
+"""Kernels behind `plt_jax.attention`: the package `plt_jax.kernels`.
+
+The checkout's top-level kernels/ directory, mapped to `plt_jax.kernels` by an install (setup.py's
+package_dir) or, on a bare checkout, by `plt_jax` itself; it is imported under that name only.
 
 A leaf of the library: these modules import JAX, NumPy and each other, never the rest of
 plt_jax, and importing this package loads nothing. `plt_jax.attention` chooses among them.
@@ -10,3 +13,7 @@ plt_jax, and importing this package loads nothing. `plt_jax.attention` chooses a
   cpu_rows.py    few-row matrix products on CPU (the decode step's projections)
   masks.py       the visibility rule they all share
 """
+
+if __name__ != 'plt_jax.kernels':
+  raise ImportError(f'the kernels are the package plt_jax.kernels: import them by that name, not '
+                    f'as {__name__!r} (one directory, one module)')

@@ -3,7 +3,8 @@
 At batch 1 the PLT step multiplies R rows (one per loop) by every weight matrix. On CPU that is
 memory-bound, so R rows should cost about what one row costs. XLA:CPU sends one row to a
 matrix-vector kernel streaming the weights at full bandwidth, but 2..8 rows to a general GEMM
-that runs ~3x slower (and OpenBLAS behaves alike), so R rows cost ~R rows.
+that streams them far slower (and OpenBLAS behaves alike), so R rows cost about R single rows
+(docs/kernels.md has the measurement).
 `kernels/cpu/rows_matmul.cc` streams the matrix once for all rows (an XLA FFI custom call, so it
 runs inside the jitted step). It is compiled on first use with the system C++ compiler against
 jaxlib's FFI headers, and cached (`kernels/cpu_ffi.py`); without a compiler `available()` is

@@ -23,7 +23,7 @@ use smaller blocks in interpret mode only.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -190,48 +190,63 @@ def _row_inputs(seg, gate):
   return gate_t, seg[:, :, None], seg[:, None, :]
 
 
-def fwd(q, ks: Sequence, vs: Sequence, gate, seg, *, windows: tuple, cfg: KernelConfig,
-        save: bool, interpret: bool, debug: bool = False):
-  """Padded [B, Tp, H, D] inputs; same contract as gswa_triton.fwd.
+def _qmap(bi, h, s, qt, *_):
+  """Query-major grids: the step's query block of query head h."""
+  return bi, h, qt[s], 0
 
-  residual: per-branch LSE [B, Hq, Tp, 128] (lane-replicated). counts (debug): per query block and
-  branch, the number of table steps, i.e. the key blocks the kernel visits.
-  """
-  b, tp, hq, d = q.shape
-  hkv = ks[0].shape[2]
-  grp = hq // hkv
-  nb = len(windows)
-  bq, bk = cfg.block_q, cfg.block_k
-  has_seg = seg is not None
-  tables = step_table(tp, bq, bk, windows, has_seg)
-  qtab, brtab, ftab = tables[:3]
-  n_steps = len(qtab)
 
-  def qmap(bi, h, s, qt, *_):
-    return bi, h, qt[s], 0
+def _kmap(br: int, grp: int):
+  """Query-major grids: branch br's key block of the step (its own column of the step table)."""
+  def f(bi, h, s, qt, bt, ft, *kts):
+    return bi, jax.lax.div(h, grp), kts[br][s], 0
+  return f
 
-  def kmap(br):
-    def f(bi, h, s, qt, bt, ft, *kts):
-      return bi, jax.lax.div(h, grp), kts[br][s], 0
-    return f
 
-  q_spec = pl.BlockSpec((None, None, bq, d), qmap)
-  in_specs, args = [q_spec], [_to_bhtd(q)]
-  for br, (k, v) in enumerate(zip(ks, vs)):
-    spec = pl.BlockSpec((None, None, bk, d), kmap(br))
+def _query_major_inputs(q_t, kvs_t, do_t, gate_t, qseg, kseg, *, bq: int, bk: int, grp: int):
+  """Block specs and operands of the query-major kernels (forward, dQ), in their refs' order:
+  q, each branch's (k, v), dO (dQ only), the gate (two branches), the segment ids (the queries',
+  then each branch's keys'). Returns (q_spec, in_specs, args)."""
+  nb = len(kvs_t)
+  d = q_t.shape[-1]
+  q_spec = pl.BlockSpec((None, None, bq, d), _qmap)
+  in_specs, args = [q_spec], [q_t]
+  for br, (k, v) in enumerate(kvs_t):
+    spec = pl.BlockSpec((None, None, bk, d), _kmap(br, grp))
     in_specs += [spec, spec]
-    args += [_to_bhtd(k), _to_bhtd(v)]
-  gate_t, qseg, kseg = _row_inputs(seg, gate)
+    args += [k, v]
+  if do_t is not None:
+    in_specs.append(q_spec)
+    args.append(do_t)
   if nb == 2:
-    in_specs.append(pl.BlockSpec((None, None, bq, 1), qmap))
+    in_specs.append(pl.BlockSpec((None, None, bq, 1), _qmap))
     args.append(gate_t)
-  if has_seg:
+  if qseg is not None:
     in_specs.append(pl.BlockSpec((None, bq, 1), lambda bi, h, s, qt, *_: (bi, qt[s], 0)))
     args.append(qseg)
     for br in range(nb):
       in_specs.append(pl.BlockSpec(
           (None, 1, bk), lambda bi, h, s, qt, bt, ft, *kts, br=br: (bi, 0, kts[br][s])))
       args.append(kseg)
+  return q_spec, in_specs, args
+
+
+def fwd(q, ks: Sequence, vs: Sequence, gate, seg, *, windows: tuple, cfg: KernelConfig,
+        save: bool, interpret: bool):
+  """Padded [B, Tp, H, D] inputs; same contract as gswa_triton.fwd.
+
+  residual: per-branch LSE [B, Hq, Tp, 128] (lane-replicated).
+  """
+  b, tp, hq, d = q.shape
+  grp = hq // ks[0].shape[2]
+  nb = len(windows)
+  bq, bk = cfg.block_q, cfg.block_k
+  has_seg = seg is not None
+  tables = step_table(tp, bq, bk, windows, has_seg)
+  q_t = _to_bhtd(q)
+  kvs_t = [(_to_bhtd(k), _to_bhtd(v)) for k, v in zip(ks, vs)]
+  gate_t, qseg, kseg = _row_inputs(seg, gate)
+  q_spec, in_specs, args = _query_major_inputs(q_t, kvs_t, None, gate_t, qseg, kseg, bq=bq, bk=bk,
+                                               grp=grp)
   qshape = (b, hq, tp, d)
   out_shape = [jax.ShapeDtypeStruct(qshape, q.dtype)]
   out_specs = [q_spec]
@@ -240,10 +255,10 @@ def fwd(q, ks: Sequence, vs: Sequence, gate, seg, *, windows: tuple, cfg: Kernel
     out_specs += [q_spec] * nb
   if save:
     out_shape += [jax.ShapeDtypeStruct((b, hq, tp, LANES), f32)] * nb
-    out_specs += [pl.BlockSpec((None, None, bq, LANES), qmap)] * nb
+    out_specs += [pl.BlockSpec((None, None, bq, LANES), _qmap)] * nb
   scratch = ([pltpu.VMEM((bq, LANES), f32)] * (2 * nb) + [pltpu.VMEM((bq, d), f32)] * nb)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=len(tables), grid=(b, hq, n_steps), in_specs=in_specs,
+      num_scalar_prefetch=len(tables), grid=(b, hq, len(tables[0])), in_specs=in_specs,
       out_specs=out_specs, scratch_shapes=scratch)
   kernel = functools.partial(_fwd_kernel, windows=windows, bq=bq, bk=bk, scale=d ** -0.5,
                              has_seg=has_seg, save=save)
@@ -255,13 +270,7 @@ def fwd(q, ks: Sequence, vs: Sequence, gate, seg, *, windows: tuple, cfg: Kernel
   out = _to_bhtd(res.pop(0))
   obs = [_to_bhtd(res.pop(0)) for _ in range(nb)] if (save and nb == 2) else None
   lses = [res.pop(0) for _ in range(nb)] if save else None
-  counts = None
-  if debug:
-    nq = tp // bq
-    cnt = np.zeros((nq, nb), np.int32)
-    np.add.at(cnt, (qtab, brtab), 1)
-    counts = jnp.broadcast_to(jnp.asarray(cnt), (b, hq, nq, nb))
-  return out, obs, lses, counts
+  return out, obs, lses
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,69 +375,68 @@ def _dkv_kernel(ktab, brtab, gtab, qtab, ftab, *refs, windows, bq, bk, scale, ha
       dv_ref[...] = dv_scr[br][...].astype(dv_ref.dtype)
 
 
+class _BwdInputs(NamedTuple):
+  """The backward kernels' operands, in the [B, H, Tp, ...] layout."""
+  q: jax.Array                # [B, Hq, Tp, D]
+  kvs: list                   # per branch (k, v), [B, Hkv, Tp, D]
+  do: jax.Array               # [B, Hq, Tp, D]
+  gate: Optional[jax.Array]   # [B, Hq, Tp, 1] (two branches)
+  qseg: Optional[jax.Array]   # [B, Tp, 1]
+  kseg: Optional[jax.Array]   # [B, 1, Tp]
+  lse: jax.Array              # [nb, B, Hq, Tp, LANES]
+  delta: jax.Array            # [nb, B, Hq, Tp, LANES]
+
+
 def bwd(q, ks, vs, gate, seg, lses, deltas, do, *, windows: tuple, cfg: KernelConfig,
         interpret: bool):
   """Same contract as gswa_triton.bwd; lses are this module's lane-replicated residuals."""
-  b, tp, hq, d = q.shape
-  hkv = ks[0].shape[2]
-  grp = hq // hkv
-  nb = len(windows)
-  has_seg = seg is not None
-  scale = d ** -0.5
+  grp = q.shape[2] // ks[0].shape[2]
   q_t, do_t = _to_bhtd(q), _to_bhtd(do)
   ks_t, vs_t = [_to_bhtd(k) for k in ks], [_to_bhtd(v) for v in vs]
   gate_t, qseg, kseg = _row_inputs(seg, gate)
   lse_st = jnp.stack(lses)  # [nb, B, Hq, Tp, LANES]
   delta_st = jnp.broadcast_to(
       jnp.stack([jnp.transpose(x, (0, 2, 1)) for x in deltas])[..., None], lse_st.shape)
+  x = _BwdInputs(q_t, list(zip(ks_t, vs_t)), do_t, gate_t, qseg, kseg, lse_st, delta_st)
+  common = dict(windows=windows, grp=grp, scale=q.shape[-1] ** -0.5, interpret=interpret)
+  dq = _dq(x, bq=cfg.block_q, bk=cfg.block_k, **common)
+  dks, dvs = _dkv(x, bq=cfg.block_q_bwd, bk=cfg.block_k_bwd, **common)
+  return _to_bhtd(dq), dks, dvs
 
-  # dQ: the forward's query-major table.
-  bq, bk = cfg.block_q, cfg.block_k
+
+def _dq(x: _BwdInputs, *, windows: tuple, bq: int, bk: int, grp: int, scale: float,
+        interpret: bool):
+  """dQ [B, Hq, Tp, D] over the forward's query-major table; each step reads the log-sum-exp and
+  delta rows of its own branch."""
+  b, hq, tp, d = x.q.shape
+  has_seg = x.qseg is not None
   tables = step_table(tp, bq, bk, windows, has_seg)
-
-  def qmap(bi, h, s, qt, *_):
-    return bi, h, qt[s], 0
-
-  def kmap(br):
-    def f(bi, h, s, qt, bt, ft, *kts):
-      return bi, jax.lax.div(h, grp), kts[br][s], 0
-    return f
 
   def rowmap(bi, h, s, qt, bt, *_):
     return bt[s], bi, h, qt[s], 0
 
-  q_spec = pl.BlockSpec((None, None, bq, d), qmap)
-  in_specs, args = [q_spec], [q_t]
-  for br in range(nb):
-    spec = pl.BlockSpec((None, None, bk, d), kmap(br))
-    in_specs += [spec, spec]
-    args += [ks_t[br], vs_t[br]]
-  in_specs.append(q_spec)
-  args.append(do_t)
-  if nb == 2:
-    in_specs.append(pl.BlockSpec((None, None, bq, 1), qmap))
-    args.append(gate_t)
-  if has_seg:
-    in_specs.append(pl.BlockSpec((None, bq, 1), lambda bi, h, s, qt, *_: (bi, qt[s], 0)))
-    args.append(qseg)
-    for br in range(nb):
-      in_specs.append(pl.BlockSpec(
-          (None, 1, bk), lambda bi, h, s, qt, bt, ft, *kts, br=br: (bi, 0, kts[br][s])))
-      args.append(kseg)
+  q_spec, in_specs, args = _query_major_inputs(x.q, x.kvs, x.do, x.gate, x.qseg, x.kseg, bq=bq,
+                                               bk=bk, grp=grp)
   row_spec = pl.BlockSpec((None, None, None, bq, LANES), rowmap)
   in_specs += [row_spec, row_spec]
-  args += [lse_st, delta_st]
+  args += [x.lse, x.delta]
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=len(tables), grid=(b, hq, len(tables[0])), in_specs=in_specs,
       out_specs=q_spec, scratch_shapes=[pltpu.VMEM((bq, d), f32)])
-  dq = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_dq_kernel, windows=windows, bq=bq, bk=bk, scale=scale, has_seg=has_seg),
-      grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((b, hq, tp, d), q.dtype),
+      grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((b, hq, tp, d), x.q.dtype),
       compiler_params=_params(), interpret=interpret, name='attn_bwd_dq_tpu')(
           *[jnp.asarray(t) for t in tables], *args)
 
-  # dK, dV: key-major table over (key block, branch, head in group, query block).
-  bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+
+def _dkv(x: _BwdInputs, *, windows: tuple, bq: int, bk: int, grp: int, scale: float,
+         interpret: bool):
+  """Per branch dK and dV [B, Tp, Hkv, D] over a key-major table of (key block, branch, head in
+  group, query block)."""
+  b, hq, tp, d = x.q.shape
+  nb = len(windows)
+  has_seg = x.qseg is not None
   tables = dkv_step_table(tp, bq, bk, windows, grp, has_seg)
 
   def qgmap(bi, h, s, kt, bt, gt, qt, ft):
@@ -442,36 +450,33 @@ def bwd(q, ks, vs, gate, seg, lses, deltas, do, *, windows: tuple, cfg: KernelCo
 
   qg_spec = pl.BlockSpec((None, None, bq, d), qgmap)
   kv_spec = pl.BlockSpec((None, None, bk, d), kvmap)
-  in_specs, args = [qg_spec], [q_t]
-  for br in range(nb):
+  in_specs, args = [qg_spec], [x.q]
+  for k, v in x.kvs:
     in_specs += [kv_spec, kv_spec]
-    args += [ks_t[br], vs_t[br]]
+    args += [k, v]
   in_specs.append(qg_spec)
-  args.append(do_t)
+  args.append(x.do)
   if nb == 2:
     in_specs.append(pl.BlockSpec((None, None, bq, 1), qgmap))
-    args.append(gate_t)
+    args.append(x.gate)
   if has_seg:
     in_specs += [
         pl.BlockSpec((None, bq, 1), lambda bi, h, s, kt, bt, gt, qt, ft: (bi, qt[s], 0)),
         pl.BlockSpec((None, 1, bk), lambda bi, h, s, kt, *_: (bi, 0, kt[s]))]
-    args += [qseg, kseg]
+    args += [x.qseg, x.kseg]
   row_spec = pl.BlockSpec((None, None, None, bq, LANES), rowgmap)
   in_specs += [row_spec, row_spec]
-  args += [lse_st, delta_st]
-  out_shape, out_specs = [], []
-  for br in range(nb):
-    out_shape += [jax.ShapeDtypeStruct((b, hkv, tp, d), ks[br].dtype),
-                  jax.ShapeDtypeStruct((b, hkv, tp, d), vs[br].dtype)]
-    out_specs += [kv_spec, kv_spec]
+  args += [x.lse, x.delta]
+  out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for kv in x.kvs for a in kv]
+  out_specs = [kv_spec] * (2 * nb)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=len(tables), grid=(b, hkv, len(tables[0])), in_specs=in_specs,
-      out_specs=out_specs, scratch_shapes=[pltpu.VMEM((bk, d), f32)] * (2 * nb))
+      num_scalar_prefetch=len(tables), grid=(b, x.kvs[0][0].shape[1], len(tables[0])),
+      in_specs=in_specs, out_specs=out_specs, scratch_shapes=[pltpu.VMEM((bk, d), f32)] * (2 * nb))
   res = pl.pallas_call(
       functools.partial(_dkv_kernel, windows=windows, bq=bq, bk=bk, scale=scale,
                         has_seg=has_seg),
       grid_spec=grid_spec, out_shape=out_shape, compiler_params=_params(), interpret=interpret,
       name='attn_bwd_dkv_tpu')(*[jnp.asarray(t) for t in tables], *args)
-  dks = [_to_bhtd(x) for x in res[0::2]]
-  dvs = [_to_bhtd(x) for x in res[1::2]]
-  return _to_bhtd(dq), dks, dvs
+  dks = [_to_bhtd(r) for r in res[0::2]]
+  dvs = [_to_bhtd(r) for r in res[1::2]]
+  return dks, dvs

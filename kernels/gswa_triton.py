@@ -47,7 +47,7 @@ def _loop_ranges(bounds, has_seg: bool):
   return [(a, b, True), (b, c, False), (c, d, True)]
 
 
-def _fwd_kernel(*refs, windows, bq, bk, scale, has_seg, save, debug):
+def _fwd_kernel(*refs, windows, bq, bk, scale, has_seg, save):
   nb = len(windows)
   refs = list(refs)
   q_ref = refs.pop(0)
@@ -57,7 +57,6 @@ def _fwd_kernel(*refs, windows, bq, bk, scale, has_seg, save, debug):
   o_ref = refs.pop(0)
   ob_refs = [refs.pop(0) for _ in range(nb)] if (save and nb == 2) else []
   lse_refs = [refs.pop(0) for _ in range(nb)] if save else []
-  cnt_ref = refs.pop(0) if debug else None
 
   q0 = pl.program_id(0) * bq
   q = q_ref[...]
@@ -70,7 +69,7 @@ def _fwd_kernel(*refs, windows, bq, bk, scale, has_seg, save, debug):
     k_ref, v_ref = kv_refs[br]
 
     def body(kb, carry, masked, k_ref=k_ref, v_ref=v_ref, window=window):
-      m, l, acc = carry[:3]
+      m, l, acc = carry
       k0 = kb * bk
       k = k_ref[pl.ds(k0, bk), :]
       v = v_ref[pl.ds(k0, bk), :]
@@ -87,16 +86,12 @@ def _fwd_kernel(*refs, windows, bq, bk, scale, has_seg, save, debug):
         p = jnp.where(mask, p, 0.0)
       l = alpha * l + jnp.sum(p, axis=1)
       acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=f32)
-      return (m_new, l, acc) + tuple(c + 1 for c in carry[3:])
+      return m_new, l, acc
 
     carry = (jnp.full((bq,), NEG_INF, f32), jnp.zeros((bq,), f32), jnp.zeros((bq, d), f32))
-    if debug:
-      carry += (jnp.int32(0),)
     for start, stop, masked in _loop_ranges(kv_block_bounds(q0, bq, bk, window), has_seg):
       carry = jax.lax.fori_loop(start, stop, functools.partial(body, masked=masked), carry)
-    m, l, acc = carry[:3]
-    if debug:
-      cnt_ref[br] = carry[3]
+    m, l, acc = carry
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     o_b = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -114,12 +109,11 @@ def _fwd_kernel(*refs, windows, bq, bk, scale, has_seg, save, debug):
 
 
 def fwd(q, ks: Sequence, vs: Sequence, gate, seg, *, windows: tuple, cfg: KernelConfig,
-        save: bool, interpret: bool, debug: bool = False):
-  """Padded [B, Tp, H, D] inputs. Returns (out, branch_outs, residual, counts).
+        save: bool, interpret: bool):
+  """Padded [B, Tp, H, D] inputs. Returns (out, branch_outs, residual).
 
   branch_outs: the per-branch outputs (two-branch calls with save) else None; residual: the
-  per-branch log-sum-exp [B, Hq, Tp] (save) else None; counts [B, Hq, nq, nb] int32 (debug):
-  the number of key blocks each query block visited, per branch.
+  per-branch log-sum-exp [B, Hq, Tp] (save) else None.
   """
   b, tp, hq, d = q.shape
   hkv = ks[0].shape[2]
@@ -151,12 +145,9 @@ def fwd(q, ks: Sequence, vs: Sequence, gate, seg, *, windows: tuple, cfg: Kernel
   if save:
     out_shape += [jax.ShapeDtypeStruct((b, hq, tp), f32)] * nb
     out_specs += [pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i))] * nb
-  if debug:
-    out_shape.append(jax.ShapeDtypeStruct((b, hq, nq, nb), jnp.int32))
-    out_specs.append(pl.BlockSpec((None, None, None, nb), lambda i, bi, h: (bi, h, i, 0)))
 
   kernel = functools.partial(_fwd_kernel, windows=windows, bq=bq, bk=bk, scale=d ** -0.5,
-                             has_seg=has_seg, save=save, debug=debug)
+                             has_seg=has_seg, save=save)
   res = pl.pallas_call(
       kernel, grid=(nq, b, hq), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_params(cfg, d), interpret=interpret, name='gswa_fwd' if nb == 2
@@ -165,8 +156,7 @@ def fwd(q, ks: Sequence, vs: Sequence, gate, seg, *, windows: tuple, cfg: Kernel
   out = res.pop(0)
   obs = [res.pop(0) for _ in range(nb)] if (save and nb == 2) else None
   lses = [res.pop(0) for _ in range(nb)] if save else None
-  counts = res.pop(0) if debug else None
-  return out, obs, lses, counts
+  return out, obs, lses
 
 
 # ------------------------------------------------------------------------------------------------

@@ -59,15 +59,15 @@ class _Static:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(st: _Static, q, ks, vs, gate, seg):
   mod = _backend_module(st.backend)
-  out, _, _, _ = mod.fwd(q, ks, vs, gate, seg, windows=st.windows, cfg=st.cfg, save=False,
-                         interpret=st.interpret)
+  out, _, _ = mod.fwd(q, ks, vs, gate, seg, windows=st.windows, cfg=st.cfg, save=False,
+                      interpret=st.interpret)
   return out
 
 
 def _attention_fwd(st: _Static, q, ks, vs, gate, seg):
   mod = _backend_module(st.backend)
-  out, obs, lses, _ = mod.fwd(q, ks, vs, gate, seg, windows=st.windows, cfg=st.cfg, save=True,
-                              interpret=st.interpret)
+  out, obs, lses = mod.fwd(q, ks, vs, gate, seg, windows=st.windows, cfg=st.cfg, save=True,
+                           interpret=st.interpret)
   return out, (q, ks, vs, gate, seg, obs if obs is not None else [out], lses)
 
 
@@ -87,8 +87,7 @@ def _attention_bwd(st: _Static, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _run(q, ks, vs, gate, segment_ids, windows, backend, config, interpret, shard=None,
-         debug=False):
+def _run(q, ks, vs, gate, segment_ids, windows, backend, config, interpret, shard=None):
   b, s, hq, d = q.shape
   t = ks[0].shape[1]
   if s != t:
@@ -110,13 +109,9 @@ def _run(q, ks, vs, gate, segment_ids, windows, backend, config, interpret, shar
     vsp = tuple(pad_seq(v, tp) for v in vs)
     gp = pad_seq(gate, tp, 0.5)
     segp = pad_seq(seg, tp)
-    if debug:  # forward only, with the visited-block counters
-      out, _, _, counts = mod.fwd(qp, ksp, vsp, gp, segp, windows=st.windows, cfg=cfg, save=False,
-                                  interpret=st.interpret, debug=True)
-      return out[:, :s], counts
     return _attention(st, qp, ksp, vsp, gp, segp)[:, :s]
 
-  if shard is None or debug:
+  if shard is None:
     return local(q, ks, vs, gate, segment_ids)
   mesh, b_ax, h_ax = shard
   heads = P(b_ax, None, h_ax, None)
@@ -140,14 +135,3 @@ def gswa(q, k_glob, v_glob, k_loc, v_loc, gate, segment_ids=None, *, window: int
     raise ValueError(f'gswa needs a window >= 1, got {window!r}')
   return _run(q, (k_glob, k_loc), (v_glob, v_loc), gate, segment_ids, (None, window), backend,
               config, interpret, shard)
-
-
-def gswa_debug_counts(q, k_glob, v_glob, k_loc, v_loc, gate, segment_ids=None, *, window: int,
-                      backend='triton', config=None, interpret=None):
-  """Forward with per-query-block visited key-block counts [B, Hq, nq, 2] (global, local).
-
-  Triton backend: counted by the kernel's loops. TPU backend: the length of its step table, which
-  is its grid (see gswa_tpu.step_table).
-  """
-  return _run(q, (k_glob, k_loc), (v_glob, v_loc), gate, segment_ids, (None, window), backend,
-              config, interpret, debug=True)

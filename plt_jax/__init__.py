@@ -3,8 +3,12 @@
 `plt_jax.presets` (the experiment configs) is imported on first use: it pulls in the data
 pipeline, which a model-only user does not need.
 """
-from plt_jax.config import ModelConfig, PRESETS
-from plt_jax.model import PLT
+from plt_jax import _checkout
+
+_checkout.register_kernels()  # a bare checkout's kernels/ as plt_jax.kernels, before any use of it
+
+from plt_jax.config import ModelConfig, PRESETS  # noqa: E402
+from plt_jax.model import PLT  # noqa: E402
 
 __all__ = ['ModelConfig', 'PRESETS', 'PLT']
 __version__ = '0.1.0'

@@ -1,9 +1,11 @@
 """The installed distribution: only the plt_jax package, usable without the checkout.
 
 A wheel is built from a copy of the working tree and inspected; installed into a plain directory it
-must import (presets, kernels) from a process that cannot see the repository. The import graph of
-the sources must not reach configs/ or experiments/, must have no cycle, and plt_jax.kernels must
-stand on its own.
+must import (presets, kernels) from a process that cannot see the repository. The top-level
+kernels/ directory is the package plt_jax.kernels (setup.py's package_dir; no symlink), under that
+one name in a wheel, an editable install and a bare checkout alike. The import graph of the sources
+must not reach configs/ or experiments/, must have no cycle, and plt_jax.kernels must stand on its
+own.
 """
 import ast
 import collections
@@ -22,6 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(REPO, 'plt_jax')
 HF_MODELING = ('plt_jax/hf/torch_src/modeling_plt.py', 'plt_jax/hf/torch_src/configuration_plt.py')
 CHECKOUT_ONLY = ('configs', 'experiments', 'kernels')   # top-level names the library must not use
+# Package directories that setup.py maps (package_dir): package path -> directory in the checkout.
+PACKAGE_DIRS = {'plt_jax/kernels': 'kernels'}
 
 
 def _version() -> str:
@@ -43,7 +47,7 @@ def _copy_tree(dst: str) -> str:
     if os.path.samefile(directory, REPO):
       skip |= {n for n in names if n.startswith('.') or n in ('runs', 'workdirs')}
     return skip
-  # Symlinks stay links (plt_jax/kernels -> ../kernels), as in a git clone.
+  # Symlinks stay links, as in a git clone.
   shutil.copytree(REPO, dst, symlinks=True, ignore=ignore)
   return dst
 
@@ -65,15 +69,40 @@ def wheel(tmp_path_factory) -> str:
   return str(wheels[0])
 
 
+def _repo_path(rel: str) -> str:
+  """A package path (plt_jax/kernels/ops.py) -> its path in the checkout (kernels/ops.py)."""
+  for package, directory in PACKAGE_DIRS.items():
+    if rel == package or rel.startswith(package + '/'):
+      return directory + rel[len(package):]
+  return rel
+
+
 def _source_files() -> list:
-  """Files under plt_jax/, following the kernels symlink, as paths relative to the repo."""
+  """The package's files as installed paths (plt_jax/...), kernels/ as plt_jax/kernels/."""
   found = []
-  for directory, dirs, files in os.walk(PKG, followlinks=True):
-    dirs[:] = sorted(d for d in dirs if d != '__pycache__')
-    for name in sorted(files):
-      if not name.endswith('.pyc'):
-        found.append(os.path.relpath(os.path.join(directory, name), REPO).replace(os.sep, '/'))
+  roots = [('plt_jax', PKG)] + [(p, os.path.join(REPO, d)) for p, d in PACKAGE_DIRS.items()]
+  for package, root in roots:
+    for directory, dirs, files in os.walk(root):
+      rel_dir = os.path.relpath(directory, root).replace(os.sep, '/')
+      prefix = package if rel_dir == '.' else f'{package}/{rel_dir}'
+      dirs[:] = sorted(d for d in dirs
+                       if d != '__pycache__' and f'{prefix}/{d}' not in PACKAGE_DIRS)
+      found += [f'{prefix}/{name}' for name in sorted(files) if not name.endswith('.pyc')]
   return found
+
+
+def test_kernels_directory_is_a_mapped_package_not_a_link():
+  for package, directory in PACKAGE_DIRS.items():
+    assert not os.path.lexists(os.path.join(REPO, package)), f'{package} must not exist (a link?)'
+    assert os.path.isfile(os.path.join(REPO, directory, '__init__.py')), directory
+  links = [os.path.relpath(os.path.join(d, n), REPO) for top in ('plt_jax', 'kernels')
+           for d, dirs, files in os.walk(os.path.join(REPO, top)) for n in dirs + files
+           if os.path.islink(os.path.join(d, n))]
+  assert not links, f'symlinks in the package sources: {links}'
+  sources = _source_files()
+  assert 'plt_jax/kernels/ops.py' in sources and 'plt_jax/kernels/cpu/rows_matmul.cc' in sources
+  assert _repo_path('plt_jax/kernels/cpu/rows_matmul.cc') == 'kernels/cpu/rows_matmul.cc'
+  assert _repo_path('plt_jax/presets.py') == 'plt_jax/presets.py'
 
 
 def test_wheel_holds_only_plt_jax(wheel):
@@ -84,14 +113,19 @@ def test_wheel_holds_only_plt_jax(wheel):
   tops = collections.Counter(n.split('/')[0] + ('/' if '/' in n else '') for n in names)
   assert set(tops) == {'plt_jax/', f'{dist_info}/'}, tops
   assert top_level == ['plt_jax'], top_level
-  required = ['plt_jax/kernels/ops.py', 'plt_jax/kernels/cpu/rows_matmul.cc',
+  required = ['plt_jax/kernels/__init__.py', 'plt_jax/kernels/ops.py', 'plt_jax/kernels/masks.py',
+              'plt_jax/kernels/cpu/rows_matmul.cc', 'plt_jax/kernels/cpu/decode_attention.cc',
+              'plt_jax/kernels/cpu/parallel.h', 'plt_jax/kernels/cpu/simd.h',
               'plt_jax/presets.py', *HF_MODELING]
   missing = [n for n in required if n not in names]
   assert not missing, f'missing from the wheel: {missing}'
   # Every source file the package reads: all modules, and the CPU kernels' C++ sources.
   sources = [f for f in _source_files() if f.endswith(('.py', '.cc', '.h'))]
   missing = [f for f in sources if f not in names]
-  assert not missing, f'in plt_jax/ but not in the wheel: {missing}'
+  assert not missing, f'in the package sources but not in the wheel: {missing}'
+  # The kernels exactly once, at their package path (no top-level kernels/, no stale files).
+  kernels = sorted(n for n in names if n.startswith('plt_jax/kernels/'))
+  assert kernels == sorted(f for f in sources if f.startswith('plt_jax/kernels/')), kernels
 
 
 # Runs with -S: no site-packages .pth files, so the checkout's editable finder is not installed.
@@ -177,6 +211,117 @@ def test_installed_wheel_works_without_the_checkout(wheel, tmp_path):
   assert 'rows_matmul.cc' in r['kernels']['cpu_sources'], r['kernels']
 
 
+# Runs with -S as above: only the copied checkout on the path, no editable finder.
+_CHECKOUT_CHECK = r"""
+import json, os, sys, traceback
+out = {}
+import plt_jax.kernels
+from plt_jax.kernels import masks, ops
+from plt_jax import attention
+out['files'] = [plt_jax.__file__, plt_jax.kernels.__file__, ops.__file__, attention.masks.__file__]
+out['same_module'] = attention.masks is masks is sys.modules['plt_jax.kernels.masks']
+try:
+  import kernels
+  out['top_level'] = 'imported'
+except ImportError as e:
+  out['top_level'] = str(e)
+out['modules'] = sorted(m for m in sys.modules if m == 'kernels' or m.startswith('kernels.'))
+print('RESULT ' + json.dumps(out))
+"""
+
+
+def test_bare_checkout_maps_kernels_once(tmp_path):
+  """A checkout on PYTHONPATH, not installed: kernels/ is plt_jax.kernels, and only that."""
+  src = tmp_path / 'checkout'
+  src.mkdir()
+  ignore = shutil.ignore_patterns('__pycache__', '*.pyc')
+  for name in ('plt_jax', 'kernels'):
+    shutil.copytree(os.path.join(REPO, name), src / name, ignore=ignore)
+  shutil.copy(os.path.join(REPO, 'setup.py'), src / 'setup.py')
+  deps = list(dict.fromkeys(sysconfig.get_paths()[k] for k in ('purelib', 'platlib')))
+  env = {k: v for k, v in os.environ.items() if not k.startswith('PYTHON')}
+  # The checkout first and the working directory too, so that `import kernels` could find it.
+  env.update(PYTHONPATH=os.pathsep.join([str(src)] + deps), JAX_PLATFORMS='cpu',
+             PYTHONDONTWRITEBYTECODE='1')
+  proc = subprocess.run([sys.executable, '-S', '-c', _CHECKOUT_CHECK], cwd=src, env=env,
+                        capture_output=True, text=True, timeout=600)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
+  r = json.loads(lines[-1][len('RESULT '):])
+  want = [src / 'plt_jax' / '__init__.py', src / 'kernels' / '__init__.py',
+          src / 'kernels' / 'ops.py', src / 'kernels' / 'masks.py']
+  assert [os.path.realpath(f) for f in r['files']] == [os.path.realpath(w) for w in want], r
+  assert r['same_module'] is True, r
+  assert 'import them by that name' in r['top_level'], r
+  assert r['modules'] == [], r
+
+
+def test_editable_install_maps_kernels():
+  """An editable install's finder (setuptools) resolves plt_jax.kernels to the checkout's
+  kernels/ itself; a stale install from before the package_dir mapping fails here."""
+  finders = [m for n, m in sorted(sys.modules.items())
+             if n.startswith('__editable___plt_jax_') and n.endswith('_finder')]
+  if not finders:
+    pytest.skip('plt_jax is not installed editable (with a setuptools finder) in this environment')
+  finder = getattr(finders[0], '_EditableFinder', None)
+  if finder is None:
+    pytest.skip(f'unknown setuptools editable finder layout in {finders[0].__name__}')
+  if os.path.realpath(finder.find_spec('plt_jax').origin) != os.path.join(
+      os.path.realpath(PKG), '__init__.py'):
+    pytest.skip('the editable install is of another checkout')
+  spec = finder.find_spec('plt_jax.kernels')
+  assert spec is not None, 'reinstall: pip install -e . (the finder has no plt_jax.kernels)'
+  assert os.path.realpath(spec.origin) == os.path.realpath(
+      os.path.join(REPO, 'kernels', '__init__.py')), spec.origin
+
+
+def _top_level_kernels_imports(tree) -> list:
+  found = []
+  for node in ast.walk(tree):
+    names = []
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+      names = [node.module]
+    elif _constant_import(node):
+      names = [_constant_import(node)]
+    found += [(node.lineno, n) for n in names if n.split('.')[0] == 'kernels']
+  return found
+
+
+def test_kernels_are_imported_only_as_plt_jax_kernels():
+  """One directory, one module: no file of the checkout (library, tools, experiments, tests,
+  notebooks) imports the top-level name `kernels`."""
+  bad = []
+  for directory, dirs, files in os.walk(REPO):
+    dirs[:] = [d for d in dirs if not d.startswith('.') and d not in ('runs', 'workdirs',
+                                                                      '__pycache__', 'build')]
+    for name in files:
+      path = os.path.join(directory, name)
+      rel = os.path.relpath(path, REPO)
+      if name.endswith('.py'):
+        with open(path) as f:
+          sources = [f.read()]
+      elif name.endswith('.ipynb'):
+        with open(path) as f:
+          cells = json.load(f)['cells']
+        # Code cells, their shell and magic lines (!pip, %time) as `pass` at the same indent.
+        sources = ['\n'.join(l[:len(l) - len(l.lstrip())] + 'pass'
+                             if l.lstrip().startswith(('!', '%')) else l
+                             for l in ''.join(c['source']).splitlines())
+                   for c in cells if c['cell_type'] == 'code']
+      else:
+        continue
+      for source in sources:
+        bad += [f'{rel}:{line}: {target}'
+                for line, target in _top_level_kernels_imports(ast.parse(source))]
+  assert not bad, 'imports of the top-level `kernels` (use plt_jax.kernels):\n' + '\n'.join(bad)
+  # The check sees what it looks for.
+  assert _top_level_kernels_imports(ast.parse('import kernels.ops\nfrom kernels import masks\n'
+                                              'importlib.import_module("kernels")')) == [
+      (1, 'kernels.ops'), (2, 'kernels'), (3, 'kernels')]
+
+
 # ---------------------------------------------------------------------------------------------
 # The import graph of the sources.
 
@@ -213,7 +358,7 @@ def _imports(name: str, rel: str, is_pkg: bool, modules: dict) -> list:
 
   `from P import x` names the module P.x where that is a module, else P itself (x is then an
   attribute that P's __init__ must have defined)."""
-  with open(os.path.join(REPO, rel)) as f:
+  with open(os.path.join(REPO, _repo_path(rel))) as f:
     tree = ast.parse(f.read(), filename=rel)
   package = name if is_pkg else name.rpartition('.')[0]
   found = []
@@ -229,11 +374,10 @@ def _imports(name: str, rel: str, is_pkg: bool, modules: dict) -> list:
         source = node.module
       if source == '__future__':
         continue
-      inside = source.split('.')[0] in ('plt_jax', 'kernels')
+      inside = source.split('.')[0] == 'plt_jax'
       for a in node.names:
         sub = f'{source}.{a.name}'
-        top_kernels = source.split('.')[0] == 'kernels' and f'plt_jax.{sub}' in modules
-        if a.name != '*' and (sub in modules or top_kernels):
+        if a.name != '*' and sub in modules:
           found.append((sub, False, node.lineno))
         else:
           found.append((source, inside, node.lineno))
@@ -247,7 +391,6 @@ def _imports(name: str, rel: str, is_pkg: bool, modules: dict) -> list:
 def _graph():
   """(edges {importer: {imported: 'file:line'}}, checkout-only imports, modules).
 
-  A top-level `kernels` import counts as one of plt_jax.kernels, the same files.
   Importing plt_jax.a.b runs plt_jax/__init__, plt_jax/a/__init__ and then b, so an edge goes to
   each of them, except to the importer's own packages: those are already (being) initialised when
   the importer runs and an import of them only looks them up in sys.modules. Importing a name
@@ -258,13 +401,11 @@ def _graph():
   for name, (rel, is_pkg) in sorted(modules.items()):
     own = {'.'.join(name.split('.')[:i]) for i in range(1, name.count('.') + 2)}
     for target, is_attribute, line in _imports(name, rel, is_pkg, modules):
-      where = f'{rel}:{line}'
+      where = f'{_repo_path(rel)}:{line}'
       top = target.split('.')[0]
       if top in CHECKOUT_ONLY:
         checkout_only.append(f'{where}: {name} imports {target}')
-      if top == 'kernels':   # the same files as plt_jax.kernels: an edge all the same
-        target = 'plt_jax.' + target
-      elif top != 'plt_jax':
+      if top != 'plt_jax':
         continue
       parts = target.split('.')
       while '.'.join(parts) not in modules and len(parts) > 1:   # plt_jax.x.attr -> plt_jax.x
@@ -351,7 +492,7 @@ def test_kernels_import_only_jax_numpy_stdlib_and_themselves():
     for target, _, line in _imports(name, rel, is_pkg, modules):
       inside = target == 'plt_jax.kernels' or target.startswith('plt_jax.kernels.')
       if not inside and target.split('.')[0] not in allowed:
-        bad.append(f'{rel}:{line}: {name} imports {target}')
+        bad.append(f'{_repo_path(rel)}:{line}: {name} imports {target}')
   bad = list(dict.fromkeys(bad))   # `from m import a, b` is one line
   assert not bad, 'plt_jax.kernels reaches outside itself:\n' + '\n'.join(bad)
 

@@ -1,9 +1,10 @@
 // ParallelFor for the CPU kernels: our own helper threads, which spin briefly between calls.
 //
-// Why not XLA's intra-op pool: a decode step is a chain of ~100 kernel calls of 50-500 us, each
-// depending on the one before. A helper woken from sleep for every call starts ~100 us late on
-// this VM (waking an idle vCPU), which cost more than the second core gave. Helpers here spin
-// for a moment after each job, so the next call of the chain finds them awake, then sleep.
+// Why not XLA's intra-op pool: a decode step is a long chain of short kernel calls, each
+// depending on the one before. A helper woken from sleep for every call starts late (an idle
+// vCPU has to be woken first), and on a small machine that delay can cost more than the extra
+// core gives (docs/kernels.md has the measurement). Helpers here spin for a moment after each
+// job, so the next call of the chain finds them awake, then sleep.
 #ifndef PLT_JAX_KERNELS_CPU_PARALLEL_H_
 #define PLT_JAX_KERNELS_CPU_PARALLEL_H_
 

@@ -3,13 +3,13 @@
 // Why this exists: at decode time PLT multiplies R rows (one per loop) by every weight matrix.
 // On CPU that product is memory-bound: the cost is streaming w once. XLA:CPU (and OpenBLAS)
 // send 1 row to a matrix-vector kernel and 2..8 rows to a general GEMM that packs w first and
-// runs ~3x slower, so R rows cost ~R times one row.
+// streams it far below the memory bandwidth, so R rows cost about what R single rows cost.
 // This kernel streams w exactly once for all rows. Each thread takes a contiguous range of w's
 // rows (the reduction axis), so every core reads one sequential stretch of memory, and keeps M
 // partial sums per column in L1 (column blocks of 4096 / M); the partial sums of the threads are
 // added at the end. In a decode step each product depends on the one before, so each call must
-// use every core itself: splitting columns instead (shorter strided runs) streamed ~1.5x slower
-// (kernel bench on a 2-core EPYC, sequential chain of the 100M model's matrices).
+// use every core itself. Splitting columns instead gives each core shorter, strided runs of
+// memory, which stream slower (docs/kernels.md has the measurement).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
