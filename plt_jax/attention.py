@@ -371,7 +371,7 @@ class CPU(XLA):
       return cpu_decode
     why = (f'caches of dtype {sorted(map(str, dtypes))} (float32 only)' if len(dtypes) > 1
            or jnp.float32 not in dtypes else
-           f'backend {jax.default_backend()} or no C++ compiler (see plt_jax/kernels/cpu_ffi.py)')
+           f'backend {jax.default_backend()} or no C++ compiler (see plt_jax.kernels.cpu_ffi)')
     if self.strict:
       raise ValueError(f"attention backend 'cpu' cannot run its decode kernel here: {why}")
     _log_once(f"attention 'auto': cached decode steps use the XLA reference ({why})")

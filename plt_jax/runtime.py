@@ -93,5 +93,5 @@ def decode_matmul(row_matmul: str, rows: int, dtype: str = 'float32') -> str:
     if not on_cpu or dtype != 'float32' or not cpu_rows.available():
       raise ValueError(f"row_matmul='kernel' needs the CPU backend, float32 and a C++ compiler "
                        f'(backend {jax.default_backend()}, dtype {dtype}; see '
-                       'plt_jax/kernels/cpu_rows.py)')
+                       'plt_jax.kernels.cpu_rows)')
   return row_matmul

@@ -2,7 +2,7 @@
 
 The compiled counterpart of tests/test_kernels.py, which runs the kernels in Pallas interpret mode
 on the CPU with 8-wide blocks. Here the kernels run with their production block sizes
-(kernels.common.KernelConfig defaults: 128 x 64 forward, 64 x 64 backward), windows on either side
+(plt_jax.kernels.common.KernelConfig defaults: 128 x 64 forward, 64 x 64 backward), windows on either side
 of those edges, GQA groups 1 to 5, T up to 4096 (also not a block multiple), packed segments,
 gates near 0 and 1, float32 and bfloat16, forward and every gradient.
 
