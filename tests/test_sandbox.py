@@ -1,7 +1,8 @@
 """The sandbox's filesystem view, its secrets and its verdict, each shown by a program run through
 the real sandbox: nothing written survives, tmpfs sizes hold, a root-only file stays unread,
 and forged verdicts (walked frames, gc, inherited fds, /proc, ctypes, os._exit, rigged __eq__)
-never pass. The programs of a fixture run side by side on one worker pool.
+never pass. The programs of a fixture run side by side on one worker pool, once with each engine
+(bubblewrap, and the sandbox's own namespace code, its fallback).
 """
 import concurrent.futures
 import dataclasses
@@ -18,6 +19,7 @@ import textwrap
 import pytest
 
 from plt_jax.evaluation import humaneval, runner, sandbox
+from plt_jax.evaluation.sandbox import api, launch, wire
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith('linux'),
                                 reason='the sandbox is Linux-only')
@@ -37,9 +39,12 @@ _PROBLEM = dict(
     entry_point='has_close_elements')
 
 
-@pytest.fixture(scope='module')
-def view():
-  iso = sandbox.describe_isolation(LIMITS)
+@pytest.fixture(scope='module', params=sandbox.ENGINES)
+def view(request):
+  """The isolation of `request.param`: bubblewrap, or the builtin fallback."""
+  if request.param == 'bubblewrap' and launch.bubblewrap()[0] is None:
+    pytest.skip(f'no bubblewrap: {launch.bubblewrap()[1]}')
+  iso = sandbox.describe_isolation(LIMITS, engine=request.param)
   assert iso['works'], iso
   if iso['filesystem'] != 'private':
     pytest.skip(f'no private filesystem view on this machine: {iso.get("filesystem_error")}')
@@ -128,7 +133,7 @@ def fs_runs(view, tmp_path_factory):
         fill=(FILL, None, small),
         secret=(_secret_probe(secret), None, LIMITS),
         secret_judged=(candidate, humaneval.build_job(_PROBLEM, '')[1], LIMITS),
-    ), base_dir=str(base))
+    ), base_dir=str(base), engine=view['engine'])
   finally:
     leftover = {d: os.path.exists(os.path.join(d, MARK)) for d in ('/tmp', '/var/tmp', '/dev/shm')}
   yield res, dict(secret=secret, secret_text=secret_text, base=base, leftover=leftover)
@@ -331,8 +336,8 @@ def forgeries(view):
   for name, prog in RIGGED.items():
     jobs[name] = (prog, judge, LIMITS)
   with pytest.MonkeyPatch.context() as mp:  # a token the attacks can recognise by its hash
-    mp.setattr(sandbox.secrets, 'token_hex', lambda n=16: TOKEN)
-    res = _run_all(jobs)
+    mp.setattr(api, '_new_token', lambda: TOKEN)
+    res = _run_all(jobs, engine=view['engine'])
     # The same attacks without any namespace: the verdict must not depend on them.
     bare = _run_all({k: v for k, v in jobs.items() if k in (
         'honest', 'frames-exit', 'gc-exit', 'proc_fds-exit', 'ctypes-exit')}, namespaces=False)
@@ -375,7 +380,7 @@ def test_without_a_judge_the_same_attacks_do_forge_a_pass():
   jobs = {name: (_attack(name, 'exit') + '\nhas_close_elements([], 0)\n', None, LIMITS)
           for name in ('frames', 'memory')}
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(sandbox.secrets, 'token_hex', lambda n=16: TOKEN)
+    mp.setattr(api, '_new_token', lambda: TOKEN)
     res = _run_all(jobs)
   assert res['frames'].passed and 'FRAMES FOUND 1' in res['frames'].output, res['frames']
   assert res['memory'].passed, res['memory']
@@ -401,29 +406,29 @@ def test_values_cross_as_plain_built_ins():
             1 + 2j, [1, [2]], (1, (2,)), {'a': 1, 2: (3,)}, {1, 2}, frozenset({3}), range(1, 7, 2),
             (), [None, 'x', 1.5]]
   for v in values:
-    back = sandbox._loads(sandbox._dumps(v))
+    back = wire.loads(wire.dumps(v))
     assert back == v and type(back) is type(v), (v, back)
-  assert str(sandbox._loads(sandbox._dumps(-0.0))) == '-0.0'
-  nan = sandbox._loads(sandbox._dumps(float('nan')))
+  assert str(wire.loads(wire.dumps(-0.0))) == '-0.0'
+  nan = wire.loads(wire.dumps(float('nan')))
   assert nan != nan
-  back = sandbox._loads(sandbox._dumps(x * x for x in range(4)))
+  back = wire.loads(wire.dumps(x * x for x in range(4)))
   assert type(back) is type(iter([])) and list(back) == [0, 1, 4, 9]
 
   class Sub(int):
     def __eq__(self, other):
       return True
-  assert type(sandbox._loads(sandbox._dumps(Sub(5)))) is int
-  assert sandbox._dumps([True, 'ab']) == b'l2:Ts2:ab'
+  assert type(wire.loads(wire.dumps(Sub(5)))) is int
+  assert wire.dumps([True, 'ab']) == b'l2:Ts2:ab'
   for bad in (b'', b'x', b'i12', b'i1 2;', b'i 1;', b's5:ab', b's-1:', b'l3:N', b'N N', b'fzz;',
               b'S1:l0:', b'd1:l0:N', b'r i1;i2;i3;', b'rs1:ai2;i3;', b's2:\xff\xfe',
               b'l99999999999:'):
     with pytest.raises(ValueError):
-      sandbox._loads(bad)
+      wire.loads(bad)
   deep = b'l1:' * 100 + b'N'
   with pytest.raises(ValueError, match='nested too deeply'):
-    sandbox._loads(deep)
+    wire.loads(deep)
   with pytest.raises(TypeError, match='cannot be passed'):
-    sandbox._dumps(object())
+    wire.dumps(object())
 
 
 def test_the_judge_sees_the_types_the_candidate_returned(view):
@@ -476,9 +481,11 @@ def test_missing_layers_are_recorded_and_refused_unless_allowed():
 
 def test_summary_records_the_isolation_layers(view, tmp_path):
   s = humaneval.evaluate([dict(_PROBLEM, task_id='T/0')], lambda ps: [HONEST] * len(ps),
-                         out_dir=str(tmp_path), limits=LIMITS, progress=False)
+                         out_dir=str(tmp_path), limits=LIMITS, progress=False,
+                         sandbox_kwargs=dict(engine=view['engine']))
   iso = json.load(open(tmp_path / 'summary.json'))['isolation']
   assert s['pass@1'] == 1.0 and iso == s['isolation']
   assert iso['filesystem'] == 'private' and iso['verdict'] == 'judge'
-  assert iso['missing'] == [] and 'uid' not in iso
+  assert iso['missing'] == [] and 'uid' not in iso and iso['engine'] == view['engine']
+  assert set(sandbox.LAYERS) <= set(iso), iso   # every layer named, seccomp, cgroup, ipc...
   assert iso['throwaway_uid'] is ROOT

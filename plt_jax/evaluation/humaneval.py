@@ -11,7 +11,8 @@ chunks:
   3. run every completion in the sandbox on a thread pool, overlapped with the next chunk's
      generation: prompt + completion in one process, the prompt and the problem's tests in a
      separate judge that calls it (`build_job`);
-  4. append one JSON line per problem to `samples.jsonl`.
+  4. add one JSON line per problem to `samples.jsonl` (the file is rewritten atomically after
+     each chunk, so `out_dir` may be a gs:// URL).
 Problems already in that file are skipped, so an interrupted run resumes where it stopped.
 `summary.json` gets pass@k and the counts at the end.
 
@@ -33,6 +34,7 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from plt_jax import fileio
 from plt_jax.evaluation import passk
 from plt_jax.evaluation import sandbox
 
@@ -60,12 +62,9 @@ def data_file() -> str:
 def load_problems(path: Optional[str] = None, limit: Optional[int] = None) -> list[dict]:
   """The problems in file order: task_id, prompt, canonical_solution, test, entry_point."""
   path = path or data_file()
-  opener = gzip.open if path.endswith('.gz') else open
-  problems = []
-  with opener(path, 'rt', encoding='utf-8') as f:
-    for line in f:
-      if line.strip():
-        problems.append(json.loads(line))
+  raw = fileio.path(path).read_bytes()
+  text = (gzip.decompress(raw) if str(path).endswith('.gz') else raw).decode('utf-8')
+  problems = [json.loads(line) for line in text.splitlines() if line.strip()]
   if limit is not None and limit > 0:
     problems = problems[:limit]
   return problems
@@ -172,26 +171,26 @@ def model_generate_fn(model, tokenizer, *, max_new_tokens: int = 384, temperatur
 
 # ----------------------------------------------------------------------------- results
 
-def _read_records(path: str) -> dict[str, dict]:
-  """Complete JSON lines of samples.jsonl; a torn last line (a killed run) is dropped."""
+def _read_records(path) -> tuple[dict[str, dict], list[str]]:
+  """Complete JSON lines of samples.jsonl ({task_id: record}, the lines in file order); a torn
+  last line (a run killed while a non-atomic copy was written) is dropped and the file
+  rewritten without it."""
   records: dict[str, dict] = {}
-  if not os.path.isfile(path):
-    return records
-  good, torn = [], False
-  with open(path, 'rb') as f:
-    for raw in f:
-      try:
-        rec = json.loads(raw)
-        records[rec['task_id']] = rec
-        good.append(raw if raw.endswith(b'\n') else raw + b'\n')
-      except (ValueError, KeyError, TypeError):
-        torn = True
+  lines: list[str] = []
+  path = fileio.path(path)
+  if not path.exists():
+    return records, lines
+  torn = False
+  for raw in path.read_text().splitlines():
+    try:
+      rec = json.loads(raw)
+      records[rec['task_id']] = rec
+      lines.append(raw)
+    except (ValueError, KeyError, TypeError):
+      torn = True
   if torn:  # rewrite without the damaged line(s), atomically
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-      f.writelines(good)
-    os.replace(tmp, path)
-  return records
+    fileio.write_text(path, ''.join(ln + '\n' for ln in lines))
+  return records, lines
 
 
 def _identity(meta: Any) -> Any:
@@ -203,11 +202,11 @@ def _identity(meta: Any) -> Any:
   return meta
 
 
-def _check_meta(out_dir: str, meta: dict, overwrite: bool) -> None:
-  path = os.path.join(out_dir, META_FILE)
-  if os.path.isfile(path) and not overwrite:
-    with open(path) as f:
-      old = _identity(json.load(f))
+def _check_meta(out_dir, meta: dict, overwrite: bool) -> None:
+  out = fileio.path(out_dir)
+  path = out / META_FILE
+  if path.exists() and not overwrite:
+    old = _identity(fileio.read_json(path))
     new = _identity(json.loads(json.dumps(meta)))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
@@ -217,11 +216,9 @@ def _check_meta(out_dir: str, meta: dict, overwrite: bool) -> None:
           + '); use another --out_dir or --overwrite')
   if overwrite:
     for name in (SAMPLES_FILE, SUMMARY_FILE):
-      if os.path.exists(os.path.join(out_dir, name)):
-        os.remove(os.path.join(out_dir, name))
-  with open(path + '.tmp', 'w') as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
+      if (out / name).exists():
+        (out / name).unlink()
+  fileio.write_json(path, meta, sort_keys=True)
 
 
 def summarize(problems: Sequence[dict], records: dict[str, dict],
@@ -275,11 +272,12 @@ def evaluate(problems: Sequence[dict], generate_fn: GenerateFn, *, out_dir: str,
   """
   if samples < 1:
     raise ValueError(f'samples={samples} must be >= 1')
-  os.makedirs(out_dir, exist_ok=True)
+  out = fileio.path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
   meta = dict(meta or {}, samples=int(samples), stop=list(stop))
   _check_meta(out_dir, meta, overwrite)
-  samples_path = os.path.join(out_dir, SAMPLES_FILE)
-  records = _read_records(samples_path)
+  samples_path = out / SAMPLES_FILE
+  records, lines = _read_records(samples_path)
   todo = [p for p in problems if p['task_id'] not in records]
   per_chunk = max(1, batch_size // samples)
   t0 = time.time()
@@ -296,7 +294,7 @@ def evaluate(problems: Sequence[dict], generate_fn: GenerateFn, *, out_dir: str,
 
   isolation: dict = {}
 
-  def finish(chunk: _Chunk, f) -> None:
+  def finish(chunk: _Chunk) -> None:
     for prob, comps, futs in zip(chunk.problems, chunk.completions, chunk.futures):
       results = [fut.result() for fut in futs]
       if not isolation:
@@ -304,40 +302,39 @@ def evaluate(problems: Sequence[dict], generate_fn: GenerateFn, *, out_dir: str,
       rec = dict(task_id=prob['task_id'], completions=comps,
                  results=[r.to_json() for r in results],
                  passed=sum(r.passed for r in results), n=len(results))
-      f.write(json.dumps(rec) + '\n')
-      f.flush()
-      os.fsync(f.fileno())
+      lines.append(json.dumps(rec))
       records[prob['task_id']] = rec
       if bar is not None:
         bar.update(1)
         solved = sum(r['passed'] > 0 for r in records.values())
         bar.set_postfix(solved=f'{solved}/{len(records)}')
+    # The whole file, atomically (an object store has no append): once per chunk.
+    fileio.write_text(samples_path, ''.join(ln + '\n' for ln in lines))
 
   pending: Optional[_Chunk] = None
   try:
-    with open(samples_path, 'a') as f:
-      try:
-        for start in range(0, len(todo), per_chunk):
-          chunk = todo[start:start + per_chunk]
-          prompts = [p['prompt'] for p in chunk for _ in range(samples)]
-          tg = time.time()
-          raw = list(generate_fn(prompts))
-          gen_seconds += time.time() - tg
-          if len(raw) != len(prompts):
-            raise ValueError(f'generate_fn returned {len(raw)} continuations for '
-                             f'{len(prompts)} prompts')
-          comps = [[truncate(raw[i * samples + s], stop) for s in range(samples)]
-                   for i in range(len(chunk))]
-          futs = [[pool.submit(_run_one, p, c, limits, kw) for c in cs]
-                  for p, cs in zip(chunk, comps)]
-          if pending is not None:
-            done, pending = pending, None
-            finish(done, f)
-          pending = _Chunk(chunk, comps, futs)
-      finally:
-        # Also when interrupted: the chunk already executing is saved, so a resume skips it.
+    try:
+      for start in range(0, len(todo), per_chunk):
+        chunk = todo[start:start + per_chunk]
+        prompts = [p['prompt'] for p in chunk for _ in range(samples)]
+        tg = time.time()
+        raw = list(generate_fn(prompts))
+        gen_seconds += time.time() - tg
+        if len(raw) != len(prompts):
+          raise ValueError(f'generate_fn returned {len(raw)} continuations for '
+                           f'{len(prompts)} prompts')
+        comps = [[truncate(raw[i * samples + s], stop) for s in range(samples)]
+                 for i in range(len(chunk))]
+        futs = [[pool.submit(_run_one, p, c, limits, kw) for c in cs]
+                for p, cs in zip(chunk, comps)]
         if pending is not None:
-          finish(pending, f)
+          done, pending = pending, None
+          finish(done)
+        pending = _Chunk(chunk, comps, futs)
+    finally:
+      # Also when interrupted: the chunk already executing is saved, so a resume skips it.
+      if pending is not None:
+        finish(pending)
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
     if bar is not None:
@@ -353,8 +350,5 @@ def evaluate(problems: Sequence[dict], generate_fn: GenerateFn, *, out_dir: str,
                  problems_sha256=problems_sha.hexdigest(),
                  generation_seconds=round(gen_seconds, 2),
                  wall_seconds_this_run=round(time.time() - t0, 2), out_dir=out_dir)
-  path = os.path.join(out_dir, SUMMARY_FILE)
-  with open(path + '.tmp', 'w') as fh:
-    json.dump(summary, fh, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  fileio.write_json(out / SUMMARY_FILE, summary, sort_keys=True)
   return summary
