@@ -15,5 +15,8 @@ plt_jax, and importing this package loads nothing. `plt_jax.attention` chooses a
 """
 
 if __name__ != 'plt_jax.kernels':
-  raise ImportError(f'the kernels are the package plt_jax.kernels: import them by that name, not '
-                    f'as {__name__!r} (one directory, one module)')
+  # Run from the checkout's root, this directory is also importable as a top-level `kernels`, the
+  # name of an unrelated PyPI package that other libraries probe for (transformers imports it to
+  # read a version). That probe must see a harmless empty module, so the import succeeds here but
+  # no submodule can load under the wrong name: one file stays one module.
+  __path__ = []

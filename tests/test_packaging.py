@@ -256,6 +256,22 @@ def test_bare_checkout_maps_kernels_once(tmp_path):
   assert r['modules'] == [], r
 
 
+def test_top_level_kernels_name_is_an_empty_module_for_probes():
+  """Run from the root, the checkout's kernels/ is also the top-level name `kernels` (an unrelated
+  PyPI package). transformers imports that name to read a version: the import must succeed and
+  report no version, and no submodule may load under that name."""
+  code = ('import sys, kernels\n'
+          'assert kernels.__path__ == [] and not hasattr(kernels, "__version__")\n'
+          'try:\n  import kernels.ops\nexcept ImportError:\n  pass\n'
+          'else:\n  sys.exit("kernels.ops loaded under the wrong name")\n'
+          'from transformers.utils import import_utils\n'
+          'assert import_utils.is_kernels_available() is False\n'
+          'import plt_jax.kernels.masks\nprint("ok")\n')
+  pytest.importorskip('transformers', reason='the probe under test is transformers\' own')
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
+  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-2000:]
+
+
 def test_editable_install_maps_kernels():
   """An editable install's finder (setuptools) resolves plt_jax.kernels to the checkout's
   kernels/ itself; a stale install from before the package_dir mapping fails here."""
