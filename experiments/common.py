@@ -99,3 +99,87 @@ def _unknown_field(e: Exception, argv: list[str], names: list[str]) -> Optional[
     if m and m.group(1) in names and key[1:-1] in m.group(2).split('.'):
       return ' '.join([f'{arg}: the config has no field {key}.', *hint])
   return None
+
+
+# ------------------------------------------------------------------- a lost coordinator
+
+# What JAX's coordination client logs, in C++, right before it aborts the process: when process 0
+# (which runs the coordination service) dies, the others end this way at once, before Python
+# can say anything.
+_JAX_FATAL = b'Terminating process because the JAX distributed service detected fatal errors'
+
+
+def relay_stderr(prog: str, num_processes: int, resume_command: str) -> None:
+  """Sends this process's stderr (fd 2, C++ logs included) through a small relay process that
+  passes it on unchanged, except that an abort by JAX's coordination client (its fatal log line,
+  the stack dump after it) is replaced by one `prog: error: process I of N stopped responding;
+  ...` line naming the lost process and the command that resumes."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  original = os.dup(2)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [root, *filter(None, [os.environ.get('PYTHONPATH')])]))
+  relay = subprocess.Popen(  # pylint: disable=consider-using-with
+      [sys.executable, '-c', 'from experiments.common import _relay_main; _relay_main()', prog,
+       str(num_processes), resume_command],
+      stdin=subprocess.PIPE, stdout=original, stderr=original, env=env, close_fds=True)
+  sys.stderr.flush()
+  os.dup2(relay.stdin.fileno(), 2)
+  relay.stdin.close()
+  os.close(original)
+
+
+def _relay_main() -> None:
+  import os  # pylint: disable=g-import-not-at-top
+  import select  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN)  # it ends when the process it serves closes the pipe
+  prog, count, command = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+  out = sys.stdout.buffer
+  pending, fatal = b'', None
+  while True:
+    ready, _, _ = select.select([0], [], [], 0.2)
+    chunk = os.read(0, 1 << 16) if ready else b''
+    if ready and not chunk:
+      break
+    if fatal is not None:
+      fatal += chunk
+      del fatal[:-(1 << 16)]
+      continue
+    pending += chunk
+    cut = max(pending.rfind(b'\n'), pending.rfind(b'\r')) + 1
+    if not chunk:
+      cut = len(pending)  # idle: pass on a partial line too (a progress bar)
+    text, pending = pending[:cut], pending[cut:]
+    at = text.find(_JAX_FATAL)
+    if at < 0:
+      at = pending.find(_JAX_FATAL)
+      if at >= 0:
+        text, pending, at = text + pending, b'', len(text) + at
+    if at >= 0:
+      line_start = text.rfind(b'\n', 0, at) + 1
+      out.write(text[:line_start])
+      fatal = bytearray(text[line_start:])
+    else:
+      out.write(text)
+    out.flush()
+  if fatal is None:
+    out.write(pending)
+    out.flush()
+    return
+  out.write(_lost_process_line(prog, count, command, bytes(fatal)).encode() + b'\n')
+  out.flush()
+
+
+def _lost_process_line(prog: str, count: int, command: str, log: bytes) -> str:
+  text = log.decode('utf-8', 'replace')
+  status = text.split('absl::Status:', 1)[-1].strip().splitlines()
+  status = status[0].strip().split('. ')[0].rstrip('.') if status else ''
+  m = re.search(r'/task:(\d+)', text)
+  process = int(m.group(1)) if m else 0  # otherwise the service itself, in process 0, is gone
+  of = f' of {count}' if count > 0 else ''
+  return (f'{prog}: error: process {process}{of} stopped responding; JAX\'s coordination '
+          f'service ended this process ({status[:160]}). Every complete checkpoint is kept. To '
+          f'resume, run the same command on every process again: {command}')

@@ -1,12 +1,12 @@
 """Per-loop diagnostics of a trained run: python -m experiments.diagnose --workdir=RUN.
 
-Writes <workdir>/diagnostics/diagnostics.json and one PNG per family (loops on the x-axis), and
+WORKDIR and --out may be gs:// URLs. Writes <workdir>/diagnostics/diagnostics.json and one PNG per family (loops on the x-axis), and
 prints a per-loop table. See plt_jax/diagnostics.py for the definitions.
 """
 from absl import app, flags
 
 from plt_jax import diagnostics
-from experiments.common import quiet_library_logs
+from experiments.common import fail, quiet_library_logs
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training work dir (with checkpoints/).',
                                required=True)
@@ -19,9 +19,12 @@ _OUT = flags.DEFINE_string('out', '', 'Output dir (default: WORKDIR/diagnostics)
 def main(argv):
   del argv
   quiet_library_logs()
-  results, paths = diagnostics.diagnose_workdir(
-      _WORKDIR.value, step=_STEP.value, max_batches=_MAX_BATCHES.value,
-      batch_size=_BATCH_SIZE.value, out_dir=_OUT.value)
+  try:
+    results, paths = diagnostics.diagnose_workdir(
+        _WORKDIR.value, step=_STEP.value, max_batches=_MAX_BATCHES.value,
+        batch_size=_BATCH_SIZE.value, out_dir=_OUT.value)
+  except (ValueError, FileNotFoundError) as e:  # a bad work dir, step or URL: one line
+    fail('diagnose', str(e))
   print(diagnostics.format_table(results))
   print(f"\n{results['tokens']} held-out tokens. Wrote:")
   for p in paths:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from plt_jax import fileio
 from plt_jax.generate import Generator, SamplingParams, run_generation
 # Importable from here under the name this command has always given it.
 from plt_jax.generate import load_model_and_tokenizer as load_model
@@ -45,8 +46,7 @@ def main(argv=None) -> int:
   prompts = list(args.prompt)
   for path in args.prompt_file:
     try:
-      with open(path, encoding='utf-8') as f:
-        prompts.append(f.read())
+      prompts.append(fileio.read_text(path))
     except OSError as e:
       raise SystemExit(f'error: --prompt_file: {e}') from e
   if not prompts:

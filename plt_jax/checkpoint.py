@@ -1,13 +1,18 @@
 """Orbax checkpoints of a training run, and `load_for_inference` for decoding/export.
 
+The directory may be local or a gs:// URL: Orbax and tensorstore write the arrays there
+themselves, and every other file of a work dir goes through `plt_jax.fileio`.
+
 A checkpoint step directory holds four items:
   params     the model parameters (float32), sharded arrays
   opt_state  the optimizer (AdamW moments, its step counter)
   data       the grain iterator position (one JSON file per process)
   meta       {'step', 'config'} as JSON
 Orbax writes each step into a temporary directory and renames it when every item is written,
-so a step directory without the temporary suffix is complete; `all_steps()` lists only those
-and an unfinished one (a killed save) is ignored and cleaned up. Restores take abstract arrays
+so a step directory without the temporary suffix is complete; in object storage, which has no
+rename, it writes the step in place and marks it complete with a commit_success.txt written
+last. `all_steps()` lists only complete steps; an unfinished one (a killed save) is ignored and
+cleaned up by the next writer. Restores take abstract arrays
 carrying the *target* sharding, so a checkpoint written on one mesh loads onto any other.
 """
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
+import re
 from typing import Any, Optional
 
 import jax
@@ -23,6 +28,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from plt_jax import fileio
 
 CHECKPOINT_DIR = 'checkpoints'
 CONFIG_FILE = 'config.json'
@@ -111,7 +118,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
                read_only: bool = False):
-    self.directory = os.path.abspath(os.path.expanduser(directory))
+    self.directory = fileio.abspath(directory)
     if read_only:
       with _quiet_read_only():
         options = ocp.CheckpointManagerOptions(read_only=True, create=False,
@@ -131,7 +138,7 @@ class Checkpointer:
 
   def has_item(self, step: int, name: str) -> bool:
     """Whether complete step `step` holds item `name` (an imported checkpoint has no 'data')."""
-    return os.path.isdir(os.path.join(self.directory, str(step), name))
+    return fileio.isdir(fileio.join(self.directory, str(step), name))
 
   def save(self, step: int, params: nnx.State, opt_state: nnx.State, data_state: Any,
            meta: dict, *, force: bool = True) -> bool:
@@ -162,6 +169,40 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return {k: restored[k] for k in items}
 
+  def data_state(self, step: int, process_index: int, process_count: int) -> Optional[dict]:
+    """This process's data iterator state in complete step `step` (None without a 'data' item),
+    also when the checkpoint was written by another number of processes.
+
+    Each process saved its own file. With the same count this process reads its own; with
+    another count, iterator states made of lanes of the global batch ({'lanes', 'first_lane',
+    'batch_size'}, plt_jax.data) are merged and cut into this process's lanes, and states that
+    are the same on every process (a synthetic task's batch count) are used as they are.
+    """
+    d = fileio.join(self.directory, str(step), 'data')
+    names = [n for n in fileio.listdir(d) if re.fullmatch(r'process_\d+-of-\d+\.json', n)]
+    if not names:
+      return None
+    own = f'process_{process_index}-of-{process_count}.json'
+    if own in names:
+      return fileio.read_json(fileio.join(d, own))
+    states = [fileio.read_json(fileio.join(d, n)) for n in sorted(names)]
+    if all(isinstance(s, dict) and {'lanes', 'first_lane', 'batch_size'} <= set(s)
+           for s in states):
+      batch = int(states[0]['batch_size'])
+      lanes = {int(s['first_lane']) + j: lane for s in states for j, lane in enumerate(s['lanes'])}
+      if sorted(lanes) != list(range(batch)) or batch % process_count:
+        raise ValueError(f'{d}: the data iterator states of {names} do not cover a batch of '
+                         f'{batch} rows that {process_count} processes can split')
+      local = batch // process_count
+      first = process_index * local
+      return dict(lanes=[lanes[first + j] for j in range(local)], first_lane=first,
+                  batch_size=batch)
+    if all(s == states[0] for s in states):
+      return states[0]
+    raise ValueError(f'{d}: checkpoint step {step} was written by {len(names)} processes '
+                     f'({names}); its data iterator states cannot be split over '
+                     f'{process_count}')
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
@@ -173,21 +214,16 @@ class Checkpointer:
 # ----------------------------------------------------------------------- config.json
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    f.write('\n')
-  os.replace(tmp, path)
+  path = fileio.join(workdir, CONFIG_FILE)
+  fileio.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
   return path
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = fileio.join(workdir, CONFIG_FILE)
+  if not fileio.isfile(path):
     raise FileNotFoundError(f'{path} not found: {workdir!r} is not a training work dir')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(fileio.read_json(path))
 
 
 # ---------------------------------------------------------------------- inference
@@ -203,12 +239,13 @@ def load_for_inference(workdir: str, step: Optional[int] = None, mesh=None):
   from plt_jax.model import PLT  # pylint: disable=g-import-not-at-top
   from plt_jax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
 
-  workdir = os.path.expanduser(workdir)
+  workdir = fileio.abspath(workdir)
+  fileio.check_access(workdir, 'workdir')
   config = load_config(workdir)
   model_cfg = ModelConfig.from_dict(config.model)
-  tokenizer = Tokenizer.from_pretrained(os.path.join(workdir, TOKENIZER_DIR))
-  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(ckpt_dir):
+  tokenizer = Tokenizer.from_pretrained(fileio.join(workdir, TOKENIZER_DIR))
+  ckpt_dir = fileio.join(workdir, CHECKPOINT_DIR)
+  if not fileio.isdir(ckpt_dir):
     raise FileNotFoundError(f'no checkpoints in {workdir!r} (expected {ckpt_dir})')
   ckpt = Checkpointer(ckpt_dir, read_only=True)
   try:

@@ -23,9 +23,7 @@ Loops for which a metric is undefined hold NaN, so every list has length R.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 from typing import Any, Iterable, Optional
 
 import jax
@@ -33,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from plt_jax import fileio
 from plt_jax import metrics as metrics_lib
 
 Array = jax.Array
@@ -269,25 +268,13 @@ FAMILIES = {
 }
 
 
-def _json_safe(x):
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  if isinstance(x, list):
-    return [_json_safe(v) for v in x]
-  if isinstance(x, dict):
-    return {k: _json_safe(v) for k, v in x.items()}
-  return x
-
-
 def write_report(results: dict[str, Any], out_dir: str, title: str = '') -> list[str]:
   """Writes diagnostics.json and one PNG per family (loops on the x-axis). Returns the paths."""
   # A Figure, not pyplot: no global backend switch (a notebook's inline plots keep working).
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
-  os.makedirs(out_dir, exist_ok=True)
-  paths = [os.path.join(out_dir, 'diagnostics.json')]
-  with open(paths[0], 'w') as f:
-    json.dump(_json_safe(results), f, indent=2)
+  paths = [fileio.join(out_dir, 'diagnostics.json')]
+  fileio.write_json(paths[0], results)
   R = results['num_loops']
   loops = np.arange(1, R + 1)
   for family, metrics in FAMILIES.items():
@@ -311,9 +298,8 @@ def write_report(results: dict[str, Any], out_dir: str, title: str = '') -> list
       ax.grid(alpha=0.3)
     fig.suptitle(f'{title} {family}'.strip())
     fig.tight_layout()
-    path = os.path.join(out_dir, f'diagnostics_{family}.png')
-    fig.savefig(path, dpi=110)
-    paths.append(path)
+    paths.append(fileio.write_figure(fileio.join(out_dir, f'diagnostics_{family}.png'), fig,
+                                     dpi=110))
   return paths
 
 
@@ -351,6 +337,6 @@ def diagnose_workdir(workdir: str, *, step: Optional[int] = None, max_batches: i
   if not batches:
     raise ValueError(f'{workdir}: the validation split produced no batches to diagnose')
   results = diagnose(model, batches)
-  out_dir = out_dir or os.path.join(workdir, 'diagnostics')
+  out_dir = out_dir or fileio.join(workdir, 'diagnostics')
   title = f"R={model.cfg.num_loops} {model.cfg.loop_mode}"
   return results, write_report(results, out_dir, title=title)

@@ -4,15 +4,16 @@
   loaded = load_model(path, source='workdir', step=400, dtype='bfloat16')
   loaded.model, loaded.tokenizer, loaded.config, loaded.info
 
-A work dir is what training writes (`plt_jax.checkpoint`: config.json, checkpoints/, tokenizer/);
+Both may be local or a gs:// URL. A work dir is what training writes (`plt_jax.checkpoint`: config.json, checkpoints/, tokenizer/);
 an HF export is what `plt_jax.hf.export_model` writes (config.json, safetensors, tokenizer.json).
 `random_model` gives random weights of a preset with the byte tokenizer, for smoke tests.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional
+
+from plt_jax import fileio
 
 SOURCES = ('workdir', 'hf')
 
@@ -29,25 +30,30 @@ class LoadedModel:
 
 
 def complete_steps(workdir: str) -> list[int]:
-  """Finished checkpoint steps (Orbax writes unfinished ones under a temporary name)."""
+  """Finished checkpoint steps, as Orbax decides: locally an unfinished step still has its
+  temporary name, in object storage it lacks its commit marker."""
   from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  d = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
-  if not os.path.isdir(d):
+  d = fileio.join(workdir, ckpt_lib.CHECKPOINT_DIR)
+  if not fileio.isdir(d):
     return []
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n)))
+  reader = ckpt_lib.Checkpointer(d, read_only=True)
+  try:
+    return reader.all_steps()
+  finally:
+    reader.close()
 
 
 def detect_source(path: str) -> str:
   """'workdir' or 'hf' for the directory at `path`; a one-line error naming it otherwise."""
   from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from plt_jax.hf import importer  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(path):
+  if not fileio.isdir(path):
     raise FileNotFoundError(f'{path!r} is not a directory (expected a training work dir or a '
                             'Hugging Face export)')
-  if os.path.isdir(os.path.join(path, ckpt_lib.CHECKPOINT_DIR)):
+  if fileio.isdir(fileio.join(path, ckpt_lib.CHECKPOINT_DIR)):
     return 'workdir'
-  if any(os.path.isfile(os.path.join(path, f)) for f in (importer.SINGLE_FILE,
-                                                          importer.INDEX_FILE)):
+  if any(fileio.isfile(fileio.join(path, f)) for f in (importer.SINGLE_FILE,
+                                                        importer.INDEX_FILE)):
     return 'hf'
   raise ValueError(f'{path!r} is neither a training work dir (no {ckpt_lib.CHECKPOINT_DIR}/) nor '
                    f'a Hugging Face export (no {importer.SINGLE_FILE} or {importer.INDEX_FILE})')
@@ -65,7 +71,8 @@ def load_model(path: str, *, source: Optional[str] = None, step: Optional[int] =
   mesh: parameters are sharded on it (None: the first device).
   """
   from plt_jax.model import param_count  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(os.path.expanduser(path))
+  path = fileio.abspath(path)
+  fileio.check_access(path, 'model path')
   source = source or detect_source(path)
   config = None
   if source == 'hf':

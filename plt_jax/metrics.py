@@ -1,20 +1,26 @@
 """Run outputs: metrics.jsonl, TensorBoard event files, the loss-curve PNG, the progress bar; and
 the two measures every part of the project reports the same way: next-token NLL, bits per byte.
 
-Only process 0 writes (`enabled=False` elsewhere). On resume, records past the restored step
-(written after the last checkpoint by a run that then died) are dropped, so the files describe
-the one training trajectory that the checkpoints hold.
+The work dir may be local or a URL (gs://...). Only process 0 writes (`enabled=False`
+elsewhere). Non-finite values are written as null (`fileio.json_safe`). On resume, records past
+the restored step (written after the last checkpoint by a run that then died) are dropped, so the
+files describe the one training trajectory that the checkpoints hold.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import struct
 import sys
+import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import tqdm
+
+from plt_jax import fileio
 
 JSONL = 'metrics.jsonl'
 TB_DIR = 'tensorboard'
@@ -41,79 +47,167 @@ def bits_per_byte(nats: float, num_bytes: float) -> float:
 
 def _scalar(v: Any) -> Any:
   try:
-    f = float(v)
+    return float(v)
   except (TypeError, ValueError):
     return v
-  return f if math.isfinite(f) else repr(f)  # JSON has no NaN/Inf
 
 
-def read_jsonl(path: str) -> list[dict]:
+def _parse_jsonl(text: str) -> list[dict]:
   out = []
-  if not os.path.exists(path):
-    return out
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:  # a torn last line from a killed run
-        continue
+  for line in text.splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:  # a torn last line from a killed run
+      continue
   return out
 
 
-class MetricsWriter:
-  """Appends {'step', 'split', 'time', ...} records to JSONL and TensorBoard."""
+def read_jsonl(path: str) -> list[dict]:
+  """The records of a metrics.jsonl (local or a URL); [] when it does not exist."""
+  if not fileio.exists(path):
+    return []
+  return _parse_jsonl(fileio.read_text(path))
 
-  def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
+
+def _record_line(record: dict) -> str:
+  return json.dumps(fileio.json_safe(record))
+
+
+class MetricsWriter:
+  """Appends {'step', 'split', 'time', ...} records to JSONL and TensorBoard.
+
+  A local work dir gets the files directly (the JSONL appended line by line). In object storage,
+  which has neither append nor rename, the JSONL is kept in memory and uploaded whole, and
+  tensorboardX writes its event file to local scratch whose new bytes are uploaded as the next
+  chunk file (`<event file>.000001`, ...; TensorBoard reads the chunks of a directory in name
+  order, as one stream). Both happen on `flush()` (training calls it at every checkpoint), at
+  `close()`, and otherwise at most every `sync_every_s` seconds.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True,
+               sync_every_s: float = 30.0):
     self.enabled = enabled
-    self.jsonl_path = os.path.join(workdir, JSONL)
-    self.tb_dir = os.path.join(workdir, TB_DIR)
-    self.png_path = os.path.join(workdir, PNG)
+    self.remote = fileio.is_remote(workdir)
+    self.jsonl_path = fileio.join(workdir, JSONL)
+    self.tb_dir = fileio.join(workdir, TB_DIR)
+    self.png_path = fileio.join(workdir, PNG)
+    self.sync_every_s = sync_every_s
     self._tb = None
+    self._f = None
+    self._lines: list[str] = []
+    self._scratch: Optional[str] = None
+    self._uploaded: dict[str, list[int]] = {}  # local event file -> [bytes uploaded, chunks]
+    self._last_sync = time.monotonic()
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
     records = read_jsonl(self.jsonl_path)
     keep = [r for r in records if r.get('step', 0) <= resume_step] if resume_step else []
-    if keep != records:
-      tmp = self.jsonl_path + '.tmp'
-      with open(tmp, 'w') as f:
-        for r in keep:
-          f.write(json.dumps(r) + '\n')
-      os.replace(tmp, self.jsonl_path)
+    if self.remote:
+      self._lines = [_record_line(r) for r in keep]
+      if keep != records:
+        self._upload_jsonl()
+      self._scratch = tempfile.mkdtemp(prefix='plt_jax_tensorboard_')
+      tb_local = self._scratch
+    else:
+      fileio.makedirs(workdir)
+      if keep != records:
+        fileio.write_text(self.jsonl_path, ''.join(_record_line(r) + '\n' for r in keep))
+      self._f = open(self.jsonl_path, 'a')  # pylint: disable=consider-using-with
+      tb_local = self.tb_dir
     from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
     # purge_step hides TensorBoard events from a run that died after its last checkpoint.
-    self._tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1 if resume_step else 0)
-    self._f = open(self.jsonl_path, 'a')
+    self._tb = SummaryWriter(tb_local, purge_step=resume_step + 1 if resume_step else 0)
 
   def write(self, step: int, metrics: dict, split: str = 'train') -> None:
     if not self.enabled:
       return
     record = {'step': int(step), 'split': split, 'time': round(time.time(), 3)}
     record.update({k: _scalar(v) for k, v in metrics.items()})
-    self._f.write(json.dumps(record) + '\n')
-    self._f.flush()
+    line = _record_line(record)
+    if self.remote:
+      self._lines.append(line)
+    else:
+      self._f.write(line + '\n')
+      self._f.flush()
     for k, v in metrics.items():
       if isinstance(v, (int, float)) and math.isfinite(float(v)):
         self._tb.add_scalar(f'{split}/{k}', float(v), step)
+    if self.remote and time.monotonic() - self._last_sync > self.sync_every_s:
+      self.flush()
+
+  def records(self) -> list[dict]:
+    """Every record of this run so far (those written but not yet uploaded included)."""
+    if self.remote and self.enabled:
+      return _parse_jsonl('\n'.join(self._lines))
+    if self._f is not None:
+      self._f.flush()
+    return read_jsonl(self.jsonl_path)
 
   def flush(self) -> None:
-    if self.enabled:
+    if not self.enabled:
+      return
+    self._tb.flush()
+    if self.remote:
+      self._upload_jsonl()
+      self._upload_events()
+      self._last_sync = time.monotonic()
+    else:
       self._f.flush()
-      self._tb.flush()
+
+  def _upload_jsonl(self) -> None:
+    fileio.write_text(self.jsonl_path, ''.join(line + '\n' for line in self._lines))
+
+  def _upload_events(self) -> None:
+    for name in sorted(os.listdir(self._scratch)):
+      done = self._uploaded.setdefault(name, [0, 0])
+      with open(os.path.join(self._scratch, name), 'rb') as f:
+        f.seek(done[0])
+        new = f.read()
+      # Whole records only: tensorboardX's writer thread may be halfway through one.
+      new = new[:_complete_records(new)]
+      if new:
+        fileio.write_bytes(fileio.join(self.tb_dir, f'{name}.{done[1]:06d}'), new)
+        done[0] += len(new)
+        done[1] += 1
 
   def close(self) -> None:
     if self.enabled:
-      self._f.close()
-      self._tb.close()
-      self.enabled = False
+      try:
+        self._tb.close()
+        if self.remote:
+          self._upload_jsonl()
+          self._upload_events()
+        else:
+          self._f.close()
+      finally:
+        self.enabled = False
+        if self._scratch:
+          shutil.rmtree(self._scratch, ignore_errors=True)
 
 
-def plot_loss_curve(jsonl_path: str, png_path: str, title: str = '') -> Optional[str]:
-  """Train loss (raw and smoothed) and validation loss against step; returns the PNG path."""
-  records = read_jsonl(jsonl_path)
+def _complete_records(data: bytes) -> int:
+  """Length of the longest prefix of `data` made of whole TFRecords (u64 length, u32 CRC,
+  payload, u32 CRC)."""
+  pos = 0
+  while pos + 12 <= len(data):
+    (n,) = struct.unpack('<Q', data[pos:pos + 8])
+    if pos + 16 + n > len(data):
+      break
+    pos += 16 + n
+  return pos
+
+
+def plot_loss_curve(records: Union[str, list[dict]], png_path: str,
+                    title: str = '') -> Optional[str]:
+  """Train loss (raw and smoothed) and validation loss against step; returns the PNG path.
+
+  records: the metrics records, or the path of a metrics.jsonl holding them.
+  """
+  if isinstance(records, str):
+    records = read_jsonl(records)
   # The last record of a step wins (a resumed run rewrites the steps after its checkpoint).
   train, val = {}, {}
   for r in records:
@@ -146,10 +240,7 @@ def plot_loss_curve(jsonl_path: str, png_path: str, title: str = '') -> Optional
   if title:
     ax.set_title(title)
   fig.tight_layout()
-  tmp = png_path + '.tmp.png'
-  fig.savefig(tmp)
-  os.replace(tmp, png_path)
-  return png_path
+  return fileio.write_figure(png_path, fig)
 
 
 class Progress:

@@ -26,15 +26,15 @@ size and logit-lens KL, against the offset cost Omega(r), mean +- std over seeds
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import time
 from typing import Any, Optional
 
 import ml_collections
 import numpy as np
+
+from plt_jax import fileio
 
 RESULT_FILE = 'sweep_result.json'
 BUDGETS = ('steps', 'flops')
@@ -94,7 +94,7 @@ def variant_config(config: ml_collections.ConfigDict, num_loops: int, loop_mode:
   if steps is not None:
     cfg.train.steps = int(steps)
   if not cfg.data.cache_dir:  # tokenize once for the whole sweep
-    cfg.data.cache_dir = os.path.join(root, 'data_cache')
+    cfg.data.cache_dir = fileio.join(root, 'data_cache')
   return cfg
 
 
@@ -147,7 +147,7 @@ def decode_latency(model, *, batch: int, prompt_len: int, steps: int, warmup: in
 
 
 def run_dir(root: str, name: str, seed: int, per_seed: bool) -> str:
-  return os.path.join(root, f'{name}-seed{seed}' if per_seed else name)
+  return fileio.join(root, f'{name}-seed{seed}' if per_seed else name)
 
 
 def run_variant(config, name, num_loops, loop_mode, root, *, seed: Optional[int] = None,
@@ -161,11 +161,10 @@ def run_variant(config, name, num_loops, loop_mode, root, *, seed: Optional[int]
 
   seed = int(config.seed) if seed is None else int(seed)
   workdir = run_dir(root, name, seed, per_seed)
-  done = os.path.join(workdir, RESULT_FILE)
-  if os.path.exists(done):
+  done = fileio.join(workdir, RESULT_FILE)
+  if fileio.exists(done):
     log(f'[sweep] {name} seed {seed}: finished earlier, skipping ({done})')
-    with open(done) as f:
-      return json.load(f)
+    return fileio.read_json(done)
   cfg = variant_config(config, num_loops, loop_mode, root, seed=seed, steps=steps)
   log(f'[sweep] {name} seed {seed}: training {cfg.train.steps} steps, R={cfg.model.num_loops} '
       f'L={cfg.model.num_layers} {cfg.model.loop_mode} in {workdir}')
@@ -195,10 +194,8 @@ def run_variant(config, name, num_loops, loop_mode, root, *, seed: Optional[int]
       final_val_ppl=math.exp(summary['final_val_loss']), exact_match=exact_match,
       tokens_per_s=summary['tokens_per_s'],
       train_seconds=summary['wall_seconds'], decode=lat, diagnostics=diag,
-      diagnostics_dir=os.path.dirname(diag_paths[0]), metrics=summary['metrics'])
-  with open(done + '.tmp', 'w') as f:
-    json.dump(diagnostics._json_safe(result), f, indent=2)  # pylint: disable=protected-access
-  os.replace(done + '.tmp', done)
+      diagnostics_dir=str(fileio.path(diag_paths[0]).parent), metrics=summary['metrics'])
+  fileio.write_json(done, result)
   return result
 
 
@@ -414,8 +411,7 @@ def plot(summary: list[dict], root: str, points: Optional[list[dict]] = None) ->
   n_seeds = max(len(s['seeds']) for s in summary)
 
   def save(fig, name):
-    paths.append(os.path.join(root, name))
-    fig.savefig(paths[-1], dpi=120)
+    paths.append(fileio.write_figure(fileio.join(root, name), fig, dpi=120))
 
   if _has_accuracy(summary):
     fig = Figure(figsize=(5.5, 3.8))
@@ -452,8 +448,9 @@ def plot(summary: list[dict], root: str, points: Optional[list[dict]] = None) ->
 
 def run_sweep(config: ml_collections.ConfigDict, root: str, *, log=print) -> dict[str, Any]:
   """Trains, evaluates and diagnoses every (variant, seed), resuming; writes the comparison."""
-  root = os.path.abspath(os.path.expanduser(root))
-  os.makedirs(root, exist_ok=True)
+  root = fileio.abspath(root)
+  fileio.check_access(root, 'sweep workdir')
+  fileio.makedirs(root)
   variants = parse_variants(config.sweep.variants)
   budget = sweep_budget(config)
   seeds = sweep_seeds(config)
@@ -483,39 +480,37 @@ def run_sweep(config: ml_collections.ConfigDict, root: str, *, log=print) -> dic
   table = markdown_table(summary)
   points = gain_cost_points(summary)
   paths = plot(summary, root, points)
-  md = os.path.join(root, 'sweep.md')
-  with open(md, 'w') as f:
-    f.write('# Loop-count sweep\n\n')
-    if budget == 'steps':
-      f.write(f'Identical data, token budget ({results[0]["train_tokens"]:,} tokens) and '
-              'shared layers; only the loop count / mode / depth differ.\n\n')
-    else:
-      ref_flops = next(s['train_flops'] for s in summary if s['name'] == ref[0])
-      f.write(f'Equal training FLOPs: every variant gets those of {ref[0]} at '
-              f'{int(config.train.steps)} steps ({ref_flops:.3g}), so the step and token counts '
-              'differ; identical data order and shared layers.\n\n')
-    f.write(f'Seeds: {", ".join(map(str, seeds))}' + (
-        '; cells are mean ± std (ddof=1) over seeds.\n\n' if len(seeds) > 1 else '.\n\n'))
-    f.write(table + '\n\n')
-    check = depth_check(summary, int(config.data.task_heldout)
-                        if config.data.source == 'synthetic' else 0)
-    if check:
-      f.write(check + '\n\n')
-    for p in paths:
-      f.write(f'![{os.path.basename(p)}]({os.path.basename(p)})\n')
-  from plt_jax.diagnostics import _json_safe  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(root, 'sweep.json'), 'w') as f:
-    json.dump(_json_safe(results), f, indent=2)
-  with open(os.path.join(root, 'sweep_summary.json'), 'w') as f:
-    json.dump(_json_safe(dict(budget=budget, reference=ref[0], seeds=list(seeds),
-                              variants=[{k: v for k, v in s.items() if k != 'runs'}
-                                        for s in summary],
-                              gain_cost=points,
-                              depth_check=check)), f, indent=2)
+  md = fileio.join(root, 'sweep.md')
+  md_parts = []
+  md_parts.append('# Loop-count sweep\n\n')
+  if budget == 'steps':
+    md_parts.append(f'Identical data, token budget ({results[0]["train_tokens"]:,} tokens) '
+                    'and shared layers; only the loop count / mode / depth differ.\n\n')
+  else:
+    ref_flops = next(s['train_flops'] for s in summary if s['name'] == ref[0])
+    md_parts.append(f'Equal training FLOPs: every variant gets those of {ref[0]} at '
+                    f'{int(config.train.steps)} steps ({ref_flops:.3g}), so the step and token '
+                    'counts differ; identical data order and shared layers.\n\n')
+  md_parts.append(f'Seeds: {", ".join(map(str, seeds))}' + (
+      '; cells are mean ± std (ddof=1) over seeds.\n\n' if len(seeds) > 1 else '.\n\n'))
+  md_parts.append(table + '\n\n')
+  check = depth_check(summary, int(config.data.task_heldout)
+                      if config.data.source == 'synthetic' else 0)
+  if check:
+    md_parts.append(check + '\n\n')
+  for p in paths:
+    name = fileio.path(p).name
+    md_parts.append(f'![{name}]({name})\n')
+  fileio.write_text(md, ''.join(md_parts))
+  fileio.write_json(fileio.join(root, 'sweep.json'), results)
+  fileio.write_json(fileio.join(root, 'sweep_summary.json'), dict(
+      budget=budget, reference=ref[0], seeds=list(seeds),
+      variants=[{k: v for k, v in s.items() if k != 'runs'} for s in summary],
+      gain_cost=points, depth_check=check))
   log(table)
   if check:
     log(check)
   log(f'[sweep] done in {(time.time() - t0) / 60:.1f} min. Wrote {md}, '
-      f'{os.path.join(root, "sweep.json")}, ' + ', '.join(paths))
+      f'{fileio.join(root, "sweep.json")}, ' + ', '.join(paths))
   return {'results': results, 'summary': summary, 'table': table, 'markdown': md,
           'plots': paths}

@@ -13,19 +13,23 @@ matching how documents were packed for training.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from plt_jax import fileio
+
 PAD, BOS, EOS = '<pad>', '<s>', '</s>'
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2 for the byte and bpe kinds
 KINDS = ('bpe', 'byte', 'hf')
-_META_FILE = 'plt_tokenizer.json'  # how the tokenizer in a workdir was made; checked on reuse
+# How a saved tokenizer folder was made; checked on reuse, and written last, so its presence
+# means the folder is complete.
+META_FILE = 'plt_tokenizer.json'
+_META_FILE = META_FILE
 
 # Names tried, in order, when an HF tokenizer.json comes without a tokenizer_config.json.
 _BOS_GUESSES = ('<s>', '<|begin_of_text|>', '<bos>', '<|endoftext|>', '[CLS]')
@@ -154,37 +158,36 @@ class Tokenizer:
 
   def save_pretrained(self, directory: str) -> None:
     """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
-    os.makedirs(directory, exist_ok=True)
-    self.backend.save(os.path.join(directory, 'tokenizer.json'))
+    folder = fileio.path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    fileio.write_text(folder / 'tokenizer.json', self.backend.to_str(pretty=True))
     special = {'bos_token': self.bos_token, 'eos_token': self.eos_token,
                'pad_token': self.pad_token}
     config = {'tokenizer_class': 'PreTrainedTokenizerFast', **special,
               # Code has ' .' and ' ,' that HF's default clean-up would rewrite.
               'clean_up_tokenization_spaces': False}
     for name, obj in (('tokenizer_config.json', config), ('special_tokens_map.json', special)):
-      with open(os.path.join(directory, name), 'w') as f:
-        json.dump(obj, f, indent=2)
+      fileio.write_json(folder / name, obj)
 
   @classmethod
   def from_pretrained(cls, directory_or_tokenizer_json: str) -> 'Tokenizer':
     """Loads a folder (or its tokenizer.json); special roles come from the config files there."""
-    path = os.path.expanduser(directory_or_tokenizer_json)
-    if os.path.isdir(path):
-      directory, file = path, os.path.join(path, 'tokenizer.json')
+    path = fileio.path(directory_or_tokenizer_json)
+    if path.is_dir():
+      directory, file = path, path / 'tokenizer.json'
     else:
-      directory, file = os.path.dirname(path) or '.', path
-    if not os.path.isfile(file):
+      directory, file = path.parent, path
+    if not file.is_file():
       raise ValueError(f'no tokenizer.json at {file}')
     try:
-      backend = tokenizers.Tokenizer.from_file(file)
+      backend = tokenizers.Tokenizer.from_str(file.read_text())
     except Exception as e:  # the Rust side raises a bare Exception
       raise ValueError(f'{file}: not a valid tokenizer.json ({e})') from e
     roles = {}
     for name in ('special_tokens_map.json', 'tokenizer_config.json'):
-      config_path = os.path.join(directory, name)
-      if os.path.isfile(config_path):
-        with open(config_path) as f:
-          config = json.load(f)
+      config_path = directory / name
+      if config_path.is_file():
+        config = fileio.read_json(config_path)
         for role in ('bos_token', 'eos_token', 'pad_token'):
           if role not in roles and _token_content(config.get(role)):
             roles[role] = _token_content(config.get(role))
@@ -200,7 +203,38 @@ class Tokenizer:
                        f'with "eos_token" next to it')
     roles.setdefault('bos_token', roles['eos_token'])  # GPT-2 style: one token for both
     roles.setdefault('pad_token', roles['eos_token'])  # padding is always masked anyway
-    return cls(backend, source=file, **roles)
+    return cls(backend, source=os.fspath(file), **roles)
+
+
+def read_meta(directory) -> Optional[dict]:
+  """The record `save_folder` wrote into a tokenizer folder, or None when there is none."""
+  p = fileio.path(directory) / META_FILE
+  return fileio.read_json(p) if p.is_file() else None
+
+
+def save_folder(tok: Tokenizer, directory, meta: dict) -> None:
+  """Writes a tokenizer folder: the Hugging Face files and META_FILE (`meta` with the
+  tokenizer's sha256 and exact vocabulary size added). The one writer of tokenizer folders.
+
+  A local folder is written aside and renamed, so a process sharing it never reads half a
+  folder; when another process renamed its copy first, that copy stays (a caller checks its
+  sha256). A remote folder is written file by file with META_FILE last, so readers wait for it.
+  """
+  folder = fileio.path(directory)
+  record = {**meta, 'vocab_size_actual': tok.vocab_size, 'sha256': tok.sha256}
+  if fileio.is_remote(folder):
+    tok.save_pretrained(folder)
+    fileio.write_json(folder / META_FILE, record)
+    return
+  tmp = f'{os.fspath(folder)}.tmp-{os.getpid()}'
+  shutil.rmtree(tmp, ignore_errors=True)
+  tok.save_pretrained(tmp)
+  fileio.write_json(os.path.join(tmp, META_FILE), record)
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    os.replace(tmp, folder)
+  except OSError:  # another process got there first
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _meta_matches(meta: dict, want: dict) -> list[str]:
@@ -227,15 +261,11 @@ def build_tokenizer(kind: str, *, workdir: str | None,
   if kind == 'hf':
     if not path:
       raise ValueError('tokenizer "hf" needs tokenizer_path (a tokenizer.json or its folder)')
-    want['path'] = os.path.abspath(os.path.expanduser(path))
+    want['path'] = path if fileio.is_remote(path) else os.path.abspath(os.path.expanduser(path))
 
-  tok_dir = os.path.join(workdir, 'tokenizer') if workdir else None
-  if tok_dir and os.path.isfile(os.path.join(tok_dir, 'tokenizer.json')):
-    meta_path = os.path.join(tok_dir, _META_FILE)
-    meta = {}
-    if os.path.isfile(meta_path):
-      with open(meta_path) as f:
-        meta = json.load(f)
+  tok_dir = fileio.path(workdir) / 'tokenizer' if workdir else None
+  if tok_dir and (tok_dir / 'tokenizer.json').is_file():
+    meta = read_meta(tok_dir) or {}
     problems = _meta_matches(meta, want)
     if problems:
       raise ValueError(f'{tok_dir} holds a different tokenizer ({"; ".join(problems)}); '
@@ -253,15 +283,8 @@ def build_tokenizer(kind: str, *, workdir: str | None,
   else:
     tok = Tokenizer.from_pretrained(path)
   if tok_dir:
-    # Written aside and renamed, so a process sharing the workdir never reads half a folder.
-    tmp = f'{tok_dir}.tmp-{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(tmp)
-    with open(os.path.join(tmp, _META_FILE), 'w') as f:
-      json.dump({**want, 'vocab_size_actual': tok.vocab_size, 'sha256': tok.sha256}, f, indent=2)
-    try:
-      os.replace(tmp, tok_dir)
-    except OSError:  # another process got there first; use what it wrote
-      shutil.rmtree(tmp, ignore_errors=True)
+    save_folder(tok, tok_dir, want)
+    saved = read_meta(tok_dir) or {}
+    if saved.get('sha256') != tok.sha256:  # another process got there first; use what it wrote
       return build_tokenizer(kind, workdir=workdir, vocab_size=vocab_size, path=path)
   return tok

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, ClassVar, Optional
@@ -27,6 +28,7 @@ import optax
 from flax import nnx
 
 from plt_jax import checkpoint as ckpt_lib
+from plt_jax import fileio
 from plt_jax import flops as flops_lib
 from plt_jax import metrics as metrics_lib
 from plt_jax import optimizer as opt_lib
@@ -72,13 +74,28 @@ def multihost_requested(num_processes: Optional[int] = None,
   return ',' in hosts or bool(os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'))
 
 
+# How long a process may go without a heartbeat before the others call it lost and exit. JAX's
+# coordination service would notice too, after its own (longer) heartbeat timeout, and then end
+# every process with a C++ fatal error instead of a message.
+PEER_TIMEOUT_S = 30.0
+PEER_HEARTBEAT_S = 2.0
+_HEARTBEAT_DIR = 'plt_jax/heartbeat/'
+_FINISHED = 'finished'
+
+
 def initialize_distributed(mode: str = 'auto', *, coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> bool:
+                           process_id: Optional[int] = None,
+                           peer_timeout_s: float = PEER_TIMEOUT_S,
+                           on_peer_lost: Optional[Callable[[int, str], None]] = None) -> bool:
   """Calls `jax.distributed.initialize` for multi-process runs; must precede any JAX work.
 
   mode 'auto' initializes when `multihost_requested`; 'on' always; 'off' never. Without explicit
   arguments JAX detects SLURM, Open MPI and Cloud TPU pods itself.
+
+  Then starts the peer watchdog (unless peer_timeout_s <= 0): when another process sends no
+  heartbeat for peer_timeout_s, on_peer_lost(process index, reason) runs on the watchdog's
+  thread; it must end this process (the default prints an error and exits with code 1).
   """
   if mode not in ('auto', 'on', 'off'):
     raise ValueError(f"multihost mode must be 'auto', 'on' or 'off', got {mode!r}")
@@ -88,11 +105,110 @@ def initialize_distributed(mode: str = 'auto', *, coordinator_address: Optional[
   kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
                                   num_processes=num_processes, process_id=process_id).items()
             if v is not None}
-  jax.distributed.initialize(**kwargs)
+  # JAX's own heartbeat timeout stays well above the watchdog's, so the watchdog speaks first.
+  jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=int(max(100, 4 * peer_timeout_s)))
   logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+  if peer_timeout_s > 0 and jax.process_count() > 1:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    PeerWatchdog.start_global(distributed.global_state.client, jax.process_index(),
+                              jax.process_count(), timeout_s=peer_timeout_s,
+                              on_lost=on_peer_lost or _exit_on_lost_peer)
   return True
+
+
+def _exit_on_lost_peer(process: int, reason: str) -> None:
+  del process
+  print(f'error: {reason}', file=sys.stderr, flush=True)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+class PeerWatchdog:
+  """Heartbeats through the coordination service's key-value store, one thread per process.
+
+  Every `interval_s` each process writes a counter under its key and reads everyone's. A peer
+  whose counter has not moved for `timeout_s`, or a store that stays unreachable that long (it
+  lives in process 0), is lost: `on_lost(index, reason)` is called once, on this thread, while the
+  main thread may be blocked in a collective that will never finish. `finish()` marks this
+  process as done, so peers stop waiting for its heartbeats while it exits.
+  """
+  _global: ClassVar[Optional['PeerWatchdog']] = None
+
+  def __init__(self, client, index: int, count: int, *, timeout_s: float,
+               interval_s: float = PEER_HEARTBEAT_S, on_lost: Callable[[int, str], None]):
+    self.client, self.index, self.count = client, index, count
+    self.timeout_s, self.interval_s = float(timeout_s), min(float(interval_s), timeout_s / 4)
+    self.on_lost = on_lost
+    self.lost: Optional[int] = None
+    self._stop = threading.Event()
+    self._finished = False
+    self._thread = threading.Thread(target=self._run, name='plt_jax-peer-watchdog', daemon=True)
+
+  @classmethod
+  def start_global(cls, client, index: int, count: int, **kwargs) -> 'PeerWatchdog':
+    if cls._global is not None:
+      cls._global.stop()
+    cls._global = cls(client, index, count, **kwargs)
+    cls._global._thread.start()
+    return cls._global
+
+  @classmethod
+  def current(cls) -> Optional['PeerWatchdog']:
+    return cls._global
+
+  def finish(self) -> None:
+    self._finished = True
+    self._beat(_FINISHED)
+
+  def stop(self) -> None:
+    self._stop.set()
+
+  def wait_for_loss(self) -> Optional[int]:
+    """Blocks at most one timeout for the watchdog to find a lost peer (after an error that a
+    lost peer may have caused); returns its index, or None if every peer is alive."""
+    deadline = time.monotonic() + self.timeout_s + 2 * self.interval_s
+    while self.lost is None and time.monotonic() < deadline and self._thread.is_alive():
+      time.sleep(0.1)
+    return self.lost
+
+  def _beat(self, value: str) -> None:
+    self.client.key_value_set(f'{_HEARTBEAT_DIR}{self.index}', value, allow_overwrite=True)
+
+  def _declare(self, process: int, reason: str) -> None:
+    self.lost = process
+    self._stop.set()
+    self.on_lost(process, reason)
+
+  def _run(self) -> None:
+    start = time.monotonic()
+    seen = {p: (None, start) for p in range(self.count) if p != self.index}
+    failing_since, beat = None, 0
+    while not self._stop.wait(self.interval_s):
+      now = time.monotonic()
+      try:
+        if not self._finished:
+          self._beat(str(beat))
+          beat += 1
+        values = dict(self.client.key_value_dir_get(_HEARTBEAT_DIR))
+        failing_since = None
+      except Exception as e:  # pylint: disable=broad-except
+        failing_since = failing_since or now
+        if now - failing_since >= self.timeout_s:
+          self._declare(0, f'process 0 of {self.count} stopped responding; the coordination '
+                        f'service it runs is unreachable ({str(e).splitlines()[0][:160]})')
+          return
+        continue
+      for p, (last, since) in seen.items():
+        value = values.get(f'{_HEARTBEAT_DIR}{p}')
+        if value == _FINISHED:
+          continue
+        if value != last:
+          seen[p] = (value, now)
+        elif now - since >= self.timeout_s:
+          self._declare(p, f'process {p} of {self.count} stopped responding; no heartbeat for '
+                        f'{now - since:.0f} s')
+          return
 
 
 # ----------------------------------------------------------------------------- state / mesh
@@ -492,7 +608,7 @@ class _Evaluator:
     ev['seconds'] = time.time() - t0
     self.writer.write(step, {k: v for k, v in ev.items() if k != 'nats'}, split='val')
     if self.is_main:
-      metrics_lib.plot_loss_curve(self.writer.jsonl_path, self.writer.png_path, self.title)
+      metrics_lib.plot_loss_curve(self.writer.records(), self.writer.png_path, self.title)
     return ev
 
 
@@ -523,16 +639,19 @@ def _train_steps(state: nnx.State, step: int, *, end_step: int, train_step, trai
       if checkpoints.due(step):
         reporter.drain()  # only checkpoints whose every step had a finite loss
         checkpoints.save(step, state)
+        reporter.writer.flush()  # the metrics files hold every step a checkpoint holds
         reporter.throughput.pause()
     reporter.drain()
     if stop:
       checkpoints.save(step, state)
+      reporter.writer.flush()
   return state, step, stop, last_val
 
 
 def _build_data(config: ml_collections.ConfigDict, workdir: str):
   """The data bundle; its tokenizer lands in workdir/tokenizer. With several processes, process 0
-  trains the tokenizer and fills the cache, and the others then reuse them."""
+  prepares the source into shards (and makes the tokenizer) when they are not there yet, and the
+  others then read them."""
   from plt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   t = config.train
   build = lambda: data_lib.build_data(  # pylint: disable=g-long-lambda
@@ -560,8 +679,8 @@ def _model_config(config: ml_collections.ConfigDict, tok) -> ModelConfig:
 
 def _check_saved_config(config: ml_collections.ConfigDict, workdir: str, say) -> str:
   """Refuses a workdir that holds another model; notes other differences. Returns its path."""
-  config_path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
-  if os.path.exists(config_path):
+  config_path = fileio.join(workdir, ckpt_lib.CONFIG_FILE)
+  if fileio.exists(config_path):
     saved = ckpt_lib.load_config(workdir).to_dict()
     diff = _config_diff(saved, config.to_dict())
     # How attention is computed or what is rematerialised leaves the model itself unchanged: a
@@ -586,18 +705,20 @@ def _restore_or_init(program: Program, ckpt: ckpt_lib.Checkpointer, data, seed: 
   abstract, shardings = program.abstract, program.shardings
   restored = ckpt.restore(
       latest, params_target=ckpt_lib.abstract_tree(abstract['model'], shardings['model']),
-      opt_target=ckpt_lib.abstract_tree(abstract['optimizer'], shardings['optimizer']),
-      data_iter=data.train_iter if ckpt.has_item(latest, 'data') else None)
+      opt_target=ckpt_lib.abstract_tree(abstract['optimizer'], shardings['optimizer']))
+  # Read directly rather than through grain, so that a run may resume on another process count.
+  data_state = ckpt.data_state(latest, jax.process_index(), jax.process_count())
+  if data_state is not None:
+    data.train_iter.set_state(data_state)
   state = ckpt_lib.tree_into_state(
       abstract, {'model': restored['params'], 'optimizer': restored['opt_state']})
   say(f'resumed from {ckpt.directory}/{latest}')
   return state, int(latest), True
 
 
-def _val_record(jsonl_path: str, step: int, *, last: bool = False) -> Optional[dict]:
-  """The first (or last) validation record of `step` in the metrics file."""
-  records = [r for r in metrics_lib.read_jsonl(jsonl_path)
-             if r.get('split') == 'val' and r.get('step') == step]
+def _val_record(records: list[dict], step: int, *, last: bool = False) -> Optional[dict]:
+  """The first (or last) validation record of `step` among the metrics records."""
+  records = [r for r in records if r.get('split') == 'val' and r.get('step') == step]
   if not records:
     return None
   return records[-1] if last else records[0]
@@ -611,14 +732,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   t_start = time.time()
   config = ml_collections.ConfigDict(config.to_dict())  # an unlocked private copy
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = fileio.abspath(workdir)
+  fileio.check_access(workdir, 'workdir')  # an unusable URL fails here, before any work
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
   ModelConfig.from_dict(config.model)  # bad model fields fail before any work
   mesh = build_mesh(config.mesh)
   validate_config(config, mesh, jax.process_count())
   opt_lib.validate(config.optimizer, config.train.steps)
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   say(f'workdir {workdir}')
 
   data = _build_data(config, workdir)
@@ -629,7 +751,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   end_step = t.steps if t.stop_at_step < 0 else min(t.steps, t.stop_at_step)
 
   with contextlib.ExitStack() as cleanup:
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR),
+    ckpt = ckpt_lib.Checkpointer(fileio.join(workdir, ckpt_lib.CHECKPOINT_DIR),
                                  max_to_keep=config.checkpoint.max_to_keep,
                                  async_save=config.checkpoint.async_save)
     cleanup.callback(ckpt.close)  # waits for a save in flight
@@ -667,7 +789,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       first_val = evaluator(state, 0)
       say(f'step 0: val loss {first_val["loss"]:.4f}')
     elif start_step > 0:  # the starting loss of a resumed run is in its metrics
-      first_val = _val_record(writer.jsonl_path, 0)
+      first_val = _val_record(writer.records(), 0)
 
     checkpoints = _Checkpoints(ckpt, every=config.checkpoint.every, end_step=end_step,
                                last_saved=start_step if restored else None,
@@ -683,11 +805,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if stop:
       say(f'{stop}: saved a checkpoint at step {step}; run the same command to resume.')
     writer.flush()
-    png = (metrics_lib.plot_loss_curve(writer.jsonl_path, writer.png_path, title) if is_main
+    png = (metrics_lib.plot_loss_curve(writer.records(), writer.png_path, title) if is_main
            else None)
 
   if last_val is None and is_main:  # nothing left to train: report the saved one
-    last_val = _val_record(writer.jsonl_path, step, last=True)
+    last_val = _val_record(metrics_lib.read_jsonl(writer.jsonl_path), step, last=True)
   steady_tps = throughput.steady
   summary = dict(
       workdir=workdir, start_step=start_step, step=step, steps=t.steps, stopped_by=stop,
@@ -698,7 +820,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       tflops_per_device=throughput.rates(steady_tps)['tflops_per_device'] if steady_tps else None,
       checkpoints=ckpt.directory, checkpoint_steps=ckpt.all_steps() if is_main else None,
       metrics=writer.jsonl_path, tensorboard=writer.tb_dir, loss_curve=png,
-      config=config_path, tokenizer=os.path.join(workdir, ckpt_lib.TOKENIZER_DIR),
+      config=config_path, tokenizer=fileio.join(workdir, ckpt_lib.TOKENIZER_DIR),
       data_cache=st.get('cache_dir'))
   if is_main:
     _print_summary(summary)

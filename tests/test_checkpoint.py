@@ -193,3 +193,106 @@ def test_load_for_inference_restores_params_only(straight):
     ckpt_lib.load_for_inference(straight, step=7)
   with pytest.raises(FileNotFoundError, match='not a training work dir'):
     ckpt_lib.load_for_inference(os.path.dirname(straight))
+
+
+# ---------------------------------------------------------------------- a host that dies
+
+PEER_TIMEOUT = 10  # pretrain's --peer_timeout here; the default is train.PEER_TIMEOUT_S
+# The documented bound on how long survivors take to exit at the defaults (docs/pod.md).
+PEER_TIMEOUT_DEFAULT_BOUND = train.PEER_TIMEOUT_S + train.PEER_HEARTBEAT_S + 3
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_the_others_with_one_line_then_resume_on_one_process(
+    tmp_path, subprocess_env):
+  """Two processes (jax.distributed on localhost, one CPU device each); process 1 is SIGKILLed.
+  Process 0 exits within --peer_timeout plus one heartbeat, its last stderr line the error that
+  names process 1 and the command that resumes. The run then resumes on ONE process with two
+  devices, and ends bitwise equal to an uninterrupted run on that mesh."""
+  ref = str(tmp_path / 'ref')
+  two_devices = {'mesh.num_devices': 2}
+  train.train_and_evaluate(make_config(**two_devices), ref)
+
+  workdir = str(tmp_path / 'two')
+  port = _free_port()
+  env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  procs = []
+  for i in range(2):
+    flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, 'mesh.num_devices': -1}.items()]
+    cmd = [sys.executable, '-m', 'experiments.pretrain', '--config=configs/r2.py',
+           f'--workdir={workdir}', *flags, f'--coordinator_address=127.0.0.1:{port}',
+           '--num_processes=2', f'--process_id={i}', f'--peer_timeout={PEER_TIMEOUT}']
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  deadline = time.time() + 600
+  while time.time() < deadline and max(train_losses(workdir) or [0]) < 9:
+    assert procs[0].poll() is None and procs[1].poll() is None
+    time.sleep(0.01)
+  procs[1].send_signal(signal.SIGKILL)
+  t_kill = time.time()
+  _, err = procs[0].communicate(timeout=120)
+  elapsed = time.time() - t_kill
+  procs[1].wait(timeout=60)
+  last = err.strip().splitlines()[-1]
+  assert procs[0].returncode == 1, err[-3000:]
+  # Heartbeats every timeout / 4 s at most: the loss is declared within timeout + one beat;
+  # the rest is slack for a loaded machine.
+  assert elapsed < PEER_TIMEOUT + PEER_TIMEOUT / 4 + 10, elapsed
+  assert last.startswith('pretrain: error: process 1 of 2 stopped responding; no heartbeat for '), last
+  assert ('To resume, run the same command on every process again: python -m '
+          f'experiments.pretrain --config=configs/r2.py --workdir={workdir} ') in last, last
+  assert last.endswith(f'--num_processes=2 --process_id=0 --peer_timeout={PEER_TIMEOUT}'), last
+
+  reader = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
+  newest = reader.all_steps()[-1]
+  reader.close()
+  assert 4 <= newest < STEPS
+  summary = train.train_and_evaluate(make_config(**two_devices), workdir)
+  assert summary['start_step'] == newest and summary['step'] == STEPS
+  want, got = train_losses(ref), train_losses(workdir)
+  assert [got[s] for s in range(1, STEPS + 1)] == [want[s] for s in range(1, STEPS + 1)]
+  a, b = restore_raw(ref, STEPS), restore_raw(workdir, STEPS)
+  assert max_abs_diff(a['params'], b['params']) == 0.0
+  assert max_abs_diff(a['opt_state'], b['opt_state']) == 0.0
+  print(f'survivor exited {elapsed:.1f} s after the kill; resumed from step {newest} on one '
+        'process')
+
+
+@pytest.mark.slow
+def test_a_killed_process_0_ends_the_others_with_one_line(tmp_path, subprocess_env):
+  """Process 0 runs JAX's coordination service: when it dies JAX aborts the others at once, in
+  C++; what they print still ends with the one line naming process 0."""
+  workdir = str(tmp_path / 'two')
+  port = _free_port()
+  env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, 'mesh.num_devices': -1,
+                                            'train.steps': 1000}.items()]
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'experiments.pretrain', '--config=configs/r2.py',
+       f'--workdir={workdir}', *flags, f'--coordinator_address=127.0.0.1:{port}',
+       '--num_processes=2', f'--process_id={i}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  deadline = time.time() + 600
+  while time.time() < deadline and max(train_losses(workdir) or [0]) < 3:
+    assert procs[0].poll() is None and procs[1].poll() is None
+    time.sleep(0.01)
+  procs[0].send_signal(signal.SIGKILL)
+  t_kill = time.time()
+  _, err = procs[1].communicate(timeout=120)
+  elapsed = time.time() - t_kill
+  procs[0].wait(timeout=60)
+  assert procs[1].returncode != 0 and elapsed < PEER_TIMEOUT_DEFAULT_BOUND, (elapsed, err[-3000:])
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("pretrain: error: process 0 of 2 stopped responding; JAX's coordination "
+                         'service ended this process ('), last
+  assert last.endswith('--num_processes=2 --process_id=1'), last
+  assert 'Fatal Python error' not in err and 'Check failure stack trace' not in err
+  print(f'process 1 exited {elapsed:.1f} s after process 0 was killed')

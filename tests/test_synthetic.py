@@ -11,7 +11,7 @@ from configs import base
 from plt_jax import checkpoint as ckpt_lib
 from plt_jax import data
 from plt_jax import metrics as metrics_lib
-from plt_jax import tasks
+from plt_jax.data import tasks
 from plt_jax import train
 from plt_jax.evaluation import runner
 from plt_jax.evaluation import synthetic

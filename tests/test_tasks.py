@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from plt_jax import tasks
+from plt_jax.data import tasks
 
 KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask')
 

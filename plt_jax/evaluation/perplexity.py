@@ -10,7 +10,7 @@ tokens scored: every loss-masked target contributes the UTF-8 bytes it spells
 counted as exactly as the whole. The </s> closing each document is predicted and scored (its NLL
 counts, its bytes are 0), as in training.
 
-Documents are packed as in training (`plt_jax.data.PackedRows`): `<s> text </s>`, cut into
+Documents are packed as in training (`plt_jax.data.packing`): `<s> text </s>`, cut into
 `seq_len` chunks. Positions restart at every chunk, so tokens after a cut see less context.
 
 Sources:
@@ -22,9 +22,7 @@ Sources:
 from __future__ import annotations
 
 import dataclasses
-import glob
 import math
-import os
 import sys
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -122,58 +120,50 @@ def score(nll_fn: Callable[[Batch], np.ndarray], batches: Iterable[Batch],
 # ------------------------------------------------------------------------------ the data
 
 def read_files(patterns: Sequence[str] | str) -> list[tuple[str, str]]:
-  """(path, text) of every file matched by the globs (recursive '**' allowed), sorted, deduped.
+  """(path, text) of every file matched by the globs (recursive '**' allowed, gs:// too),
+  sorted per glob, deduplicated.
 
   Text is decoded as UTF-8 (invalid bytes become U+FFFD, which the byte count then sees as
   3 bytes); a leading BOM is dropped.
   """
+  from plt_jax import fileio  # pylint: disable=g-import-not-at-top
+  from plt_jax.data import sources  # pylint: disable=g-import-not-at-top
   if isinstance(patterns, str):
     patterns = [p for p in patterns.split(',') if p]
-  seen, out = set(), []
-  for pattern in patterns:
-    matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                     if os.path.isfile(p))
-    if not matches:
-      raise ValueError(f'glob {pattern!r} matched no files')
-    for path in matches:
-      real = os.path.realpath(path)
-      if real in seen:
-        continue
-      seen.add(real)
-      with open(path, 'rb') as f:
-        text = f.read().decode('utf-8', errors='replace')
-      if text.startswith('\ufeff'):
-        text = text[1:]
-      if text:
-        out.append((path, text))
+  out = []
+  for f in sources.glob_files(patterns):
+    text = fileio.path(f.path).read_bytes().decode('utf-8', errors='replace')
+    if text.startswith('\ufeff'):
+      text = text[1:]
+    if text:
+      out.append((f.path, text))
   if not out:
     raise ValueError(f'the files matched by {list(patterns)} are all empty')
   return out
 
 
-def rows_from_texts(texts: Sequence[str], tokenizer, seq_len: int):
-  """Packed rows (`plt_jax.data.PackedRows`) of the texts, each text one document."""
-  from plt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+class Rows(list):
+  """Packed rows in order; `num_tokens` counts their entries that are not padding."""
+
+  @property
+  def num_tokens(self) -> int:
+    return sum(int((r['segment_ids'] > 0).sum()) for r in self)
+
+
+def rows_from_texts(texts: Sequence[str], tokenizer, seq_len: int) -> Rows:
+  """Packed rows (`plt_jax.data.packing`) of the texts, each text one document."""
+  from plt_jax.data import packing  # pylint: disable=g-import-not-at-top
   ids = tokenizer.encode_batch(list(texts))
-  lengths = np.array([len(x) for x in ids], np.int64)
-  offsets = np.zeros(len(ids) + 1, np.int64)
-  np.cumsum(lengths, out=offsets[1:])
-  tokens = (np.concatenate([np.asarray(x, np.int64) for x in ids]) if len(ids)
-            else np.zeros(0, np.int64))
-  return data_lib.PackedRows(tokens, offsets, seq_len=seq_len, bos_id=tokenizer.bos_id,
-                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  return Rows(packing.pack_documents(ids, seq_len, bos_id=tokenizer.bos_id,
+                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
 
 
-def batches_from_rows(rows, batch_size: int) -> list[Batch]:
+def batches_from_rows(rows, batch_size: int, *, pad_id: int = 0) -> list[Batch]:
   """All rows in order, batch_size at a time; the last batch is padded with empty rows."""
-  if batch_size < 1:
-    raise ValueError(f'batch_size={batch_size} must be >= 1')
-  empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
-  out = []
-  for start in range(0, len(rows), batch_size):
-    items = [rows[i] if i < len(rows) else empty for i in range(start, start + batch_size)]
-    out.append({k: np.stack([it[k] for it in items]) for k in empty})
-  return out
+  from plt_jax.data import packing  # pylint: disable=g-import-not-at-top
+  if not rows:
+    return []
+  return packing.batches(rows, batch_size, seq_len=len(rows[0]['inputs']), pad_id=pad_id)
 
 
 def file_batches(patterns, tokenizer, *, seq_len: int, batch_size: int):
@@ -183,7 +173,7 @@ def file_batches(patterns, tokenizer, *, seq_len: int, batch_size: int):
   rows = rows_from_texts(texts, tokenizer, seq_len)
   info = dict(files=len(files), text_bytes=sum(len(t.encode('utf-8')) for t in texts),
               chars=sum(len(t) for t in texts), paths=[p for p, _ in files][:50])
-  return batches_from_rows(rows, batch_size), info
+  return batches_from_rows(rows, batch_size, pad_id=tokenizer.pad_id), info
 
 
 def workdir_validation(workdir: str, config, *, max_batches: Optional[int] = None,

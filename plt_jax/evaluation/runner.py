@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from typing import Any, Optional
+
+from plt_jax import fileio
 
 
 def _tag(info: dict) -> str:
@@ -126,10 +127,7 @@ def run_synthetic(model, info: dict, *, out_path: str, config=None, batch_size: 
 
 def _write_result(out: dict, out_path: str) -> dict:
   """Writes a suite's result JSON atomically (a reader never sees half a file)."""
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  with open(out_path + '.tmp', 'w') as f:
-    json.dump(out, f, indent=2, sort_keys=True)
-  os.replace(out_path + '.tmp', out_path)
+  fileio.write_json(out_path, out, sort_keys=True)
   out['out_path'] = out_path
   return out
 
@@ -162,14 +160,14 @@ def run(suite: str, *, workdir: Optional[str] = None, hf_dir: Optional[str] = No
   model, tokenizer, config, info = loaded.model, loaded.tokenizer, loaded.config, loaded.info
   if config is None and workdir and not files:  # an HF model scored on a run's val split
     from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-    config = ckpt_lib.load_config(os.path.abspath(os.path.expanduser(workdir)))
-  base = os.path.join(info['path'] if info['source'] == 'workdir' else (
-      os.path.abspath(workdir) if workdir else info['path']), 'eval')
+    config = ckpt_lib.load_config(fileio.abspath(workdir))
+  base = fileio.join(info['path'] if info['source'] == 'workdir' else (
+      fileio.abspath(workdir) if workdir else info['path']), 'eval')
   if suite == 'humaneval':
     samples = int(humaneval_kwargs.get('samples', 1))
     t = humaneval_kwargs.get('temperature')
     t = (0.0 if samples == 1 else 0.8) if t is None else t
-    out_dir = out_dir or os.path.join(base, f'humaneval-{_tag(info)}-n{samples}-t{t:g}')
+    out_dir = out_dir or fileio.join(base, f'humaneval-{_tag(info)}-n{samples}-t{t:g}')
     return run_humaneval(model, tokenizer, info, out_dir=out_dir, **humaneval_kwargs)
   if suite == 'perplexity':
     if files:
@@ -177,15 +175,15 @@ def run(suite: str, *, workdir: Optional[str] = None, hf_dir: Optional[str] = No
       name = f'perplexity-{_tag(info)}-files-{key}.json'
     else:
       name = f'perplexity-{_tag(info)}-val.json'
-    out_path = os.path.join(out_dir, name) if out_dir else os.path.join(base, name)
+    out_path = fileio.join(out_dir or base, name)
     return run_perplexity(model, tokenizer, info, out_path=out_path, config=config,
-                          workdir=os.path.abspath(workdir) if workdir else None, files=files,
+                          workdir=fileio.abspath(workdir) if workdir else None, files=files,
                           seq_len=seq_len, eval_batches=eval_batches,
                           batch_size=eval_batch_size,
                           progress=humaneval_kwargs.get('progress', True))
   if suite == 'synthetic':
     name = f'synthetic-{_tag(info)}.json'
-    out_path = os.path.join(out_dir, name) if out_dir else os.path.join(base, name)
+    out_path = fileio.join(out_dir or base, name)
     return run_synthetic(model, info, out_path=out_path, config=config,
                          batch_size=eval_batch_size,
                          limit=int(humaneval_kwargs.get('limit', 0) or 0))

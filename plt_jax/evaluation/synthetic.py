@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from plt_jax import tasks
+from plt_jax.data import tasks
 
 
 def predict(generator, prompts: Sequence[np.ndarray], answer_lens: Sequence[int], *,
