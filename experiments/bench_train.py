@@ -5,7 +5,7 @@
   python -m experiments.bench_train --attention_impl auto,xla         # both backends beside torch
   python -m experiments.bench_train --profile runs/bench_train_prof   # + top XLA ops per scope
 
-What a step is and how it is timed: plt_jax/train_bench.py (below).
+What a step is and how it is timed: experiments/bench/train.py.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ if __name__ == '__main__':
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
 
-from plt_jax import train_bench
+from experiments.bench import train as train_bench
 from plt_jax.config import ATTENTION_IMPLS
 
 

@@ -1,11 +1,11 @@
 """Per-loop diagnostics of a trained run: python -m experiments.diagnose --workdir=RUN.
 
 WORKDIR and --out may be gs:// URLs. Writes <workdir>/diagnostics/diagnostics.json and one PNG per family (loops on the x-axis), and
-prints a per-loop table. See plt_jax/diagnostics.py for the definitions.
+prints a per-loop table. See plt_jax/study/diagnostics.py for the definitions.
 """
 from absl import app, flags
 
-from plt_jax import diagnostics
+from plt_jax.study import diagnostics
 from experiments.common import fail, quiet_library_logs
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training work dir (with checkpoints/).',

@@ -5,7 +5,7 @@
   python -m experiments.generate --random_init default --prompt 'hello'   # smoke test: random weights
 
 Several --prompt / --prompt_file flags make one batch (prompts may differ in length). Decoding is
-PLT's one-pass parallel step (or the R-pass step for vanilla models), see plt_jax/decode.py.
+PLT's one-pass parallel step (or the R-pass step for vanilla models), see plt_jax/infer/decode.py.
 """
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import argparse
 import sys
 
 from plt_jax import fileio
-from plt_jax.generate import Generator, SamplingParams, run_generation
+from plt_jax.infer.generate import Generator, SamplingParams, run_generation
 # Importable from here under the name this command has always given it.
-from plt_jax.generate import load_model_and_tokenizer as load_model
+from plt_jax.infer.generate import load_model_and_tokenizer as load_model
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   src = p.add_argument_group('model (exactly one)')
-  src.add_argument('--workdir', help='a training work dir (plt_jax.checkpoint)')
+  src.add_argument('--workdir', help='a training work dir (plt_jax.train.checkpoint)')
   src.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
   src.add_argument('--hf_dir', help='an exported Hugging Face directory (plt_jax.hf)')
   src.add_argument('--random_init', metavar='PRESET',

@@ -4,7 +4,7 @@
 
 Writes RUN/config.json (the preset's experiment config with the imported model section),
 RUN/tokenizer/ (when DIR has a tokenizer.json) and RUN/checkpoints/0 in the trainer's Orbax layout
-(parameters plus a fresh optimizer state). `plt_jax.checkpoint.load_for_inference(RUN)`, the
+(parameters plus a fresh optimizer state). `plt_jax.train.checkpoint.load_for_inference(RUN)`, the
 generate CLI and `experiments.export` read it like any training run.
 """
 from absl import app

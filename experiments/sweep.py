@@ -8,7 +8,7 @@ runs.
 """
 from absl import flags
 
-from plt_jax import sweep
+from plt_jax.study import sweep
 from experiments.common import define_config_file, quiet_library_logs, run
 
 _CONFIG = define_config_file('sweep', 'config', 'configs/sweep.py', 'Sweep config file.',

@@ -1,6 +1,6 @@
 """One layer's cached decode attention on CPU, in one call: `kernels/cpu/decode_attention.cc`.
 
-The reference is the XLA path in `plt_jax/decode.py` (cache scatter, masked attention over the
+The reference is the XLA path in `plt_jax/infer/decode.py` (cache scatter, masked attention over the
 full cache, the ring's windowed attention, the gate mix); this computes the same thing for all
 rows of a step with the cache writes done in place (the cache outputs alias the cache inputs, so
 a donated cache is never copied). float32, CPU only; built by `kernels/cpu_ffi.py`.

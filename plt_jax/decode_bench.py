@@ -19,7 +19,7 @@ its gates). Decode steps of all configurations are interleaved round by round, s
 processes hits them alike, and each reported latency is the median over all measured steps after
 warm-up. One step = the jitted decode step (cache donated) + the argmax that feeds the next token.
 KV bytes are measured from the cache arrays and checked against plt.md's formula
-(`plt_jax.decode.kv_cache_bytes`); `step_temp_bytes` is XLA's scratch allocation for one step,
+(`plt_jax.infer.decode.kv_cache_bytes`); `step_temp_bytes` is XLA's scratch allocation for one step,
 which shows that the step does not copy the cache.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from plt_jax.config import ModelConfig
-from plt_jax.decode import Decoder, cache_nbytes, kv_cache_bytes
+from plt_jax.infer.decode import Decoder, cache_nbytes, kv_cache_bytes
 from plt_jax.model import PLT
 from plt_jax.runtime import decode_matmul
 

@@ -10,7 +10,7 @@ A token that meets no rule uses the last loop. `confidence:1` (or more) and `kl:
 exit early, so they reproduce the plain R-loop model exactly.
 
 In a PLT all loops of a token run in the same decode step, so an early exit saves work only when
-every sequence of a batch has exited a loop (the rows can then be skipped); see `plt_jax.decode`.
+every sequence of a batch has exited a loop (the rows can then be skipped); see `plt_jax.infer.decode`.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ the command line, e.g. `--config=configs/r2.py:125m --config.model.num_loops=4
   config.train.steps = 1000
 
 Sections: model (plt_jax.config.ModelConfig), data (plt_jax.data), train, optimizer
-(plt_jax.optimizer), mesh, checkpoint, eval; the sweep config adds sweep.
+(plt_jax.train.optimizer), mesh, checkpoint, eval; the sweep config adds sweep.
 
 The sweep trains R = 1, 2, 3, 4 and the vanilla looped baseline at R = 2 (variants rR, vanillaR
 and the deep non-looped deepR: R*L layers, one loop) with identical data and shared-layer size,
@@ -37,7 +37,7 @@ import ml_collections
 
 from plt_jax.config import ModelConfig, PRESETS
 from plt_jax.data import default_data_config
-from plt_jax.optimizer import default_optimizer_config
+from plt_jax.train.optimizer import default_optimizer_config
 
 # Per-preset training settings. 'default' is sized for the 2-core CPU; the others are
 # starting points for accelerators (global batch in rows of seq_len tokens).

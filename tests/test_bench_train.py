@@ -1,5 +1,5 @@
-"""The train-step benchmark: interleaved timing, the HLO parser and op profile (plt_jax.profiling),
-and tiny runs of plt_jax against PyTorch (plt_jax.train_bench, experiments.bench_train)."""
+"""The train-step benchmark: interleaved timing, the HLO parser and op profile (experiments.bench.profiling),
+and tiny runs of plt_jax against PyTorch (experiments.bench.train, experiments.bench_train)."""
 import json
 import math
 import os
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from experiments import bench_train
-from plt_jax import profiling
-from plt_jax import train_bench
+from experiments.bench import profiling
+from experiments.bench import train as train_bench
 
 # A hand-written module in XLA's text form: a fused [M, K] x [K, N] dot whose operands are
 # fusion parameters (named without shapes, as XLA:CPU prints them now), a batched dot in the

@@ -22,8 +22,8 @@ import pytest
 from flax import nnx
 
 from configs import base
-from plt_jax import checkpoint as ckpt_lib
-from plt_jax import metrics as metrics_lib
+from plt_jax.train import checkpoint as ckpt_lib
+from plt_jax.train import metrics as metrics_lib
 from plt_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,6 +1,6 @@
 """kernels/cpu_decode.py: one layer's cached decode attention (XLA FFI) against float64 numpy.
 
-The numpy reference below spells out plt.md's decode math independently of plt_jax/decode.py
+The numpy reference below spells out the decode math of docs/model.md independently of plt_jax/infer/decode.py
 (whose XLA path the decode parity tests pin to the full forward). Shapes are odd, positions sit
 around the window (0, W-1, W, far beyond) and at the last cache slot, and GQA groups are 1, 3, 5.
 """
@@ -141,7 +141,7 @@ def test_writes_in_place_when_donated():
 
 def test_positions_past_the_cache_match_the_xla_path():
   """A finished sequence may keep stepping in a batch: its full-cache write is dropped and every
-  slot stays visible, exactly as plt_jax.decode's scatter-and-mask path behaves."""
+  slot stays visible, exactly as plt_jax.infer.decode's scatter-and-mask path behaves."""
   x = _inputs(11, 2, 3, 4, 2, 8, 6, 4, [6, 9])  # T = 6 slots: both positions are past the end
   got = _gated(**{n: jnp.asarray(v) for n, v in x.items()})
   want = reference(**x)

@@ -16,10 +16,10 @@ import pytest
 from flax import nnx
 
 from plt_jax import attention as attn
-from plt_jax import decode
+from plt_jax.infer import decode
 from plt_jax.config import ModelConfig
-from plt_jax.decode import Decoder, cache_nbytes, init_cache, kv_cache_bytes
-from plt_jax.generate import Generator, SamplingParams, sample_logits
+from plt_jax.infer.decode import Decoder, cache_nbytes, init_cache, kv_cache_bytes
+from plt_jax.infer.generate import Generator, SamplingParams, sample_logits
 from plt_jax.model import PLT, with_num_loops
 from plt_jax.runtime import Runtime
 

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from plt_jax import diagnostics as dg
+from plt_jax.study import diagnostics as dg
 from plt_jax.config import ModelConfig
 from plt_jax.model import PLT
 

@@ -494,7 +494,7 @@ def test_model_nll_matches_a_float64_log_softmax(tiny_model, byte_tok, tmp_path)
 
 
 def test_model_generate_fn_decodes_with_the_generator(tiny_model, byte_tok):
-  from plt_jax.generate import Generator, SamplingParams
+  from plt_jax.infer.generate import Generator, SamplingParams
   prompts = ['def f(x):\n', 'x = [1, 2']
   fn = humaneval.model_generate_fn(tiny_model, byte_tok, max_new_tokens=6, batch_size=2,
                                    stop=())

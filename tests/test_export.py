@@ -718,7 +718,7 @@ def _reader_tensors(directory):
 def test_import_to_workdir_then_export_workdir(exports, tmp_path):
   """HF -> trainer work dir (Orbax) -> load_for_inference -> HF again: bit-exact."""
   from plt_jax.hf.importer import import_as_workdir as import_hf
-  from plt_jax import checkpoint
+  from plt_jax.train import checkpoint
   model, src = exports['r2_hidden']
   run = import_hf(src, str(tmp_path / 'run'))
   loaded, config, tok = checkpoint.load_for_inference(run)
@@ -776,7 +776,7 @@ def check_seed_snippet(model_id, jax_tokenizer, jax_model=None):
     logits = model(outputs).logits[0, len(prompt_ids) - 1:-1]
   assert logits.argmax(-1).tolist() == new
   if jax_model is not None:
-    from plt_jax.generate import generate
+    from plt_jax.infer.generate import generate
     want = generate(jax_model, [prompt_ids], max_new_tokens=256,
                     stop_tokens=[jax_tokenizer.eos_id]).tokens[0]
     assert (new[:-1] if new[-1] == jax_tokenizer.eos_id else new) == want
@@ -801,7 +801,8 @@ def test_seed_snippet_on_trained_and_cli_exported_model(tc, tmp_path):
   import subprocess
   import sys
   from configs import r2
-  from plt_jax import checkpoint, train
+  from plt_jax.train import checkpoint
+  from plt_jax import train
   config = r2.get_config('default')
   config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64,
                       window_size=5, max_seq_len=512)
@@ -840,3 +841,9 @@ def test_bench_decode_torch_baseline_small(tc, tmp_path):
   assert tb['torch_threads'] == 1 and tb['batch'] == 1
   assert tb['torch_plt_R2/torch_llama_R1'] == pytest.approx(
       tb['torch_plt_R2_step_ms'] / tb['torch_llama_R1_step_ms'])
+  # op counts from the torch profiler: the PLT step batches its R loops through each layer
+  assert tb['torch_llama_R1_step_ops'] > 50
+  assert tb['torch_llama_R1_step_ops_total'] >= tb['torch_llama_R1_step_ops']
+  assert tb['torch_plt_R2/torch_llama_R1_ops'] <= 1.5
+  targets = json.load(open(out))['targets']
+  assert targets['torch_plt_R2/torch_llama_R1_ops']['met']

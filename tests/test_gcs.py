@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from plt_jax import checkpoint as ckpt_lib
+from plt_jax.train import checkpoint as ckpt_lib
 from plt_jax import fileio
-from plt_jax import metrics as metrics_lib
+from plt_jax.train import metrics as metrics_lib
 from plt_jax import train
 from test_checkpoint import (OVERRIDES, REPO, STEPS, make_config, max_abs_diff, restore_raw,
                              train_losses)
@@ -159,7 +159,7 @@ def test_sigkill_in_the_bucket_then_resume_is_bitwise_equal_to_a_local_run(gcs_r
   for name in ('config.json', 'metrics.jsonl', 'loss_curve.png', 'tensorboard', 'tokenizer'):
     assert name in names, names
   assert fileio.read_bytes(f'{workdir}/loss_curve.png')[:8] == b'\x89PNG\r\n\x1a\n'
-  from plt_jax import loading
+  from plt_jax.infer import loading
   assert loading.complete_steps(workdir) == ckpt_lib.Checkpointer(
       f'{workdir}/checkpoints', read_only=True).all_steps() == [16, 20, 24]
 
@@ -172,7 +172,8 @@ def test_resume_refuses_another_model_in_the_bucket(gcs_run):
 
 def test_generate_evaluate_and_diagnose_read_the_bucket(gcs_run, straight, capsys):
   from experiments import generate as generate_cli
-  from plt_jax import diagnostics, loading
+  from plt_jax.study import diagnostics
+  from plt_jax.infer import loading
   from plt_jax.evaluation import runner
   workdir = gcs_run['workdir']
   loaded = loading.load_model(workdir)
@@ -244,7 +245,7 @@ def test_two_processes_share_only_the_bucket_and_match_one_process(gcs_bucket, g
   two_losses, one_losses = train_losses(workdir), train_losses(one)
   assert sorted(two_losses) == list(range(1, steps + 1))
   assert two_losses == one_losses
-  from plt_jax import loading  # restored onto this process's first device, from either mesh
+  from plt_jax.infer import loading  # restored onto this process's first device, from either mesh
   a, b = (nnx_state(loading.load_model(w).model) for w in (one, workdir))
   assert max_abs_diff(a, b) == 0.0
   for i in range(2):  # each process saved its own data iterator position in the bucket

@@ -1,4 +1,4 @@
-"""plt_jax.loading: one model saved as a work dir and as an HF export loads back the same."""
+"""plt_jax.infer.loading: one model saved as a work dir and as an HF export loads back the same."""
 import os
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from plt_jax import loading
+from plt_jax.infer import loading
 
 STEP = 3
 TOKENS = np.random.default_rng(0).integers(0, 259, (2, 13)).astype(np.int32)

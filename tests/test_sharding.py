@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from plt_jax import checkpoint as ckpt_lib
-from plt_jax import optimizer as opt_lib
+from plt_jax.train import checkpoint as ckpt_lib
+from plt_jax.train import optimizer as opt_lib
 from plt_jax import sharding as sharding_lib
 from plt_jax import train
 from plt_jax.config import ModelConfig
@@ -159,7 +159,7 @@ def _model(attention_impl='pallas'):
 
 
 def test_prefill_on_a_mesh_runs_the_pallas_kernel_per_shard():
-  from plt_jax import decode  # pylint: disable=import-outside-toplevel
+  from plt_jax.infer import decode  # pylint: disable=import-outside-toplevel
   if jax.device_count() < 2:
     pytest.skip('needs 2 (fake) devices')
   model = _model()

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from configs import sweep as sweep_config
-from plt_jax import sweep
+from plt_jax.study import sweep
 
 TINY_MODEL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
                   window_size=5, max_seq_len=128, rope_theta=10_000.0)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import sweep as sweep_config
-from plt_jax import flops, sweep
+from plt_jax.train import flops
+from plt_jax.study import sweep
 from plt_jax.config import ModelConfig
 
 # d=32, H=4 (head_dim 8), K=2, F=48, L=2, V=64; counted by hand below at T=16, W=5.
@@ -84,7 +85,7 @@ def test_mean_std():
 
 @pytest.mark.slow
 def test_tiny_sweep_two_seeds_equal_flops_resumes(tmp_path):
-  from plt_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   corpus = tmp_path / 'corpus'
   corpus.mkdir()
   for i in range(12):
@@ -198,7 +199,7 @@ def test_table_has_exact_match_only_for_tasks():
 
 @pytest.mark.slow
 def test_tiny_synthetic_sweep_reports_exact_match_and_gain_cost(tmp_path):
-  from plt_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from plt_jax.evaluation import synthetic  # pylint: disable=import-outside-toplevel
   cfg = sweep_config.get_config()
   cfg.model.update(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=48,

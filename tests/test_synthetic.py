@@ -8,9 +8,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import base
-from plt_jax import checkpoint as ckpt_lib
+from plt_jax.train import checkpoint as ckpt_lib
 from plt_jax import data
-from plt_jax import metrics as metrics_lib
+from plt_jax.train import metrics as metrics_lib
 from plt_jax.data import tasks
 from plt_jax import train
 from plt_jax.evaluation import runner

@@ -16,12 +16,13 @@ import pytest
 from flax import nnx
 
 from configs import base
-from plt_jax import checkpoint as ckpt_lib
-from plt_jax import flops as flops_lib
-from plt_jax import metrics as metrics_lib
-from plt_jax import optimizer as opt_lib
+from plt_jax.train import checkpoint as ckpt_lib
+from plt_jax.train import flops as flops_lib
+from plt_jax.train import metrics as metrics_lib
+from plt_jax.train import optimizer as opt_lib
 from plt_jax import sharding as sharding_lib
 from plt_jax import train
+from plt_jax.train import loop as train_loop
 from plt_jax.config import ModelConfig
 from plt_jax.model import PLT
 
@@ -367,7 +368,7 @@ def explode_in_data(monkeypatch):
 
 def explode_in_eval(monkeypatch):
   """The evaluation at step 30 fails (the one at step 0 runs); checkpoints 10 and 20 exist."""
-  real, calls = train.evaluate, []
+  real, calls = train_loop.evaluate, []
 
   def evaluate(*a, **k):
     calls.append(1)
@@ -375,7 +376,7 @@ def explode_in_eval(monkeypatch):
       raise Boom('evaluation failed at step 30')
     return real(*a, **k)
 
-  monkeypatch.setattr(train, 'evaluate', evaluate)
+  monkeypatch.setattr(train_loop, 'evaluate', evaluate)
   return 20, [10, 20], list(range(1, 31))
 
 

@@ -9,7 +9,7 @@ Steps, each in its own subprocess with its own timeout; a failed or timed-out st
                 bf16, Pallas against the cuDNN pair: forward, backward, both, ms and TFLOP/s
   c. train      the 125m preset (configs/r1.py:125m, configs/r2.py:125m) at R = 1 and 2, bf16,
                 attention_impl pallas then cudnn: ~30 timed steps after the compile and two
-                warm-up steps; step time, tokens/s, TFLOP/s and MFU (plt_jax.flops, datasheet peak)
+                warm-up steps; step time, tokens/s, TFLOP/s and MFU (plt_jax.train.flops, datasheet peak)
   d. decode     experiments.bench_decode at batch 1 and 32, XLA stacked path (plt_stacked+xla,
                 vanilla_stacked+xla), R = 1, 2, 4: PLT R2/R1, R4/R1 and PLT/vanilla step-time ratios
   e. memory     the 1b preset's train step (R = 2) compiled ahead of time at batch 8 x 4096:
@@ -240,7 +240,7 @@ def step_train(args, sink: Sink) -> bool:
   """125m at R x attention_impl: AOT compile, warm-up, then the timed steps (compile excluded)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from plt_jax import flops as flops_lib  # pylint: disable=import-outside-toplevel
+  from plt_jax.train import flops as flops_lib  # pylint: disable=import-outside-toplevel
   from plt_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
   from plt_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   from plt_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
@@ -307,7 +307,7 @@ def step_memory(args, sink: Sink) -> bool:
   """The train step of a big preset lowered from shapes only and compiled: nothing allocated."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from plt_jax import optimizer as opt_lib  # pylint: disable=import-outside-toplevel
+  from plt_jax.train import optimizer as opt_lib  # pylint: disable=import-outside-toplevel
   from plt_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   from plt_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
 
@@ -674,7 +674,7 @@ def _section_train(res: dict) -> list[str]:
   lines = [f"Preset {res.get('preset', '?')} ({_f(params / 1e6 if params else None, '.1f', '?')}M "
            f"parameters), batch {res.get('batch', '?')} x {res.get('seq_len', '?')} packed "
            f"rows, bf16; {res.get('steps', '?')} timed steps after the compile and "
-           f"{res.get('warmup', '?')} warm-up step(s). Model FLOPs from plt_jax.flops; MFU against "
+           f"{res.get('warmup', '?')} warm-up step(s). Model FLOPs from plt_jax.train.flops; MFU against "
            + (f'the datasheet peak of {peak / 1e12:.0f} TFLOP/s' if peak else
               'no peak (unknown device)')
            + "; step GiB: XLA's memory analysis of the compiled step.", '']

@@ -109,13 +109,13 @@ _TAIL_TOKENS = 32
 def model_generate_fn(model, tokenizer, *, max_new_tokens: int = 384, temperature: float = 0.0,
                       top_p: float = 1.0, top_k: int = 0, batch_size: int = 16, seed: int = 0,
                       stop: Sequence[str] = STOP_SEQUENCES, add_bos: bool = True) -> GenerateFn:
-  """A `generate_fn` that decodes with the PLT decode path (`plt_jax.generate.Generator`).
+  """A `generate_fn` that decodes with the PLT decode path (`plt_jax.infer.generate.Generator`).
 
   Prompts are encoded as <s> + prompt (the way documents were packed for training). A prompt
   longer than max_seq_len - max_new_tokens keeps its last tokens. Rows stop at EOS; the whole
   batch stops early once every row's text contains a stop sequence.
   """
-  from plt_jax import generate as gen_lib  # pylint: disable=g-import-not-at-top
+  from plt_jax.infer import generate as gen_lib  # pylint: disable=g-import-not-at-top
 
   cfg = model.cfg
   sampling = gen_lib.SamplingParams(temperature=float(temperature), top_k=int(top_k),

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from plt_jax import metrics as metrics_lib
+from plt_jax.train import metrics as metrics_lib
 
 Batch = dict
 

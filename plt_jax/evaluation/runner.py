@@ -69,7 +69,7 @@ def run_perplexity(model, tokenizer, info: dict, *, out_path: str, config=None,
                    workdir: Optional[str] = None, files=(), seq_len: int = 0,
                    eval_batches: int = -1, batch_size: int = 0,
                    progress: bool = True) -> dict[str, Any]:
-  from plt_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from plt_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from plt_jax.evaluation import perplexity  # pylint: disable=g-import-not-at-top
   out: dict[str, Any] = dict(suite='perplexity', model=info)
   if files:
@@ -150,7 +150,7 @@ def run(suite: str, *, workdir: Optional[str] = None, hf_dir: Optional[str] = No
         if k in humaneval_kwargs})
   if not (hf_dir or workdir):
     raise ValueError('give --workdir (a training run) or --hf_dir (a Hugging Face checkpoint)')
-  from plt_jax import loading  # pylint: disable=g-import-not-at-top
+  from plt_jax.infer import loading  # pylint: disable=g-import-not-at-top
   # --hf_dir names the model when both are given; --workdir may still supply the val split.
   source, path = ('hf', hf_dir) if hf_dir else ('workdir', workdir)
   loaded = loading.load_model(path, source=source, step=step, dtype=dtype)
@@ -159,7 +159,7 @@ def run(suite: str, *, workdir: Optional[str] = None, hf_dir: Optional[str] = No
                      'tokenizer')
   model, tokenizer, config, info = loaded.model, loaded.tokenizer, loaded.config, loaded.info
   if config is None and workdir and not files:  # an HF model scored on a run's val split
-    from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     config = ckpt_lib.load_config(fileio.abspath(workdir))
   base = fileio.join(info['path'] if info['source'] == 'workdir' else (
       fileio.abspath(workdir) if workdir else info['path']), 'eval')

@@ -20,10 +20,10 @@ def predict(generator, prompts: Sequence[np.ndarray], answer_lens: Sequence[int]
             batch_size: int = 64, eos_id: int = tasks.EOS_ID) -> list[list[int]]:
   """Greedy continuations of `prompts` (EOS excluded), in batches of `batch_size`.
 
-  generator: a `plt_jax.generate.Generator` (anything with its `generate`). Each batch decodes
+  generator: a `plt_jax.infer.generate.Generator` (anything with its `generate`). Each batch decodes
   for the longest answer in it plus one token, the room for the closing EOS.
   """
-  from plt_jax.generate import SamplingParams  # pylint: disable=g-import-not-at-top
+  from plt_jax.infer.generate import SamplingParams  # pylint: disable=g-import-not-at-top
   out: list[list[int]] = []
   for start in range(0, len(prompts), batch_size):
     chunk = [np.asarray(p, np.int32) for p in prompts[start:start + batch_size]]
@@ -39,12 +39,12 @@ def accuracy(model, instances: Sequence[tasks.Instance], *, batch_size: int = 64
   """Exact-match accuracy of `model` on (prompt, answer) `instances` by greedy decoding.
 
   Returns accuracy, correct, total and per-instance `correct_mask`. generator: defaults to
-  `plt_jax.generate.Generator(model)`; pass one to reuse its compiled functions.
+  `plt_jax.infer.generate.Generator(model)`; pass one to reuse its compiled functions.
   """
   if not instances:
     raise ValueError('no held-out instances to score')
   if generator is None:
-    from plt_jax.generate import Generator  # pylint: disable=g-import-not-at-top
+    from plt_jax.infer.generate import Generator  # pylint: disable=g-import-not-at-top
     generator = Generator(model)
   prompts = [p for p, _ in instances]
   answers = [a for _, a in instances]

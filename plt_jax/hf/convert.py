@@ -211,7 +211,8 @@ def model_config_from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
       emb_scale=1.0 if emb_scale is None else float(emb_scale),
       hidden_scale=1.0 if hidden_scale is None else float(hidden_scale),
       normalize_per_loop=bool(get('plt_normalize_per_loop', True)),
-      gate_mode='hidden' if get('plt_gate_use_hidden_states', True) else 'query',
+      # absent: the release's configuration class default, the query gate
+      gate_mode='hidden' if get('plt_gate_use_hidden_states', False) else 'query',
       init_std=float(get('initializer_range', 0.02)),
   )
   fields.update(overrides)

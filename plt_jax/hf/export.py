@@ -148,7 +148,7 @@ def export_workdir(workdir: str, out_dir: str, *, step: Optional[int] = None,
   check_output_dir(os.path.abspath(os.path.expanduser(out_dir)), overwrite)
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'work dir {workdir!r} does not exist')
-  from plt_jax import checkpoint  # pylint: disable=g-import-not-at-top  (lazy: Orbax)
+  from plt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top  (lazy: Orbax)
   model, _, tokenizer = checkpoint.load_for_inference(workdir, step=step, mesh=mesh)
   return export_model(model, tokenizer, out_dir, dtype=dtype, max_shard_size=max_shard_size,
                       overwrite=overwrite)

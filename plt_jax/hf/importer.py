@@ -166,15 +166,15 @@ def load_hf_checkpoint(directory: str, mesh=None, dtype: Any = 'float32', *, str
 
 def save_as_workdir(model, tokenizer, workdir: str, config, *, source: str = '',
                     step: int = 0) -> str:
-  """Writes `model` as a training work dir (plt_jax.checkpoint's layout) at `step`.
+  """Writes `model` as a training work dir (plt_jax.train.checkpoint's layout) at `step`.
 
   config: the experiment ConfigDict saved as workdir/config.json; its `model` section must
   describe `model`, and its `optimizer` / `train.steps` size the fresh optimizer state stored with
   the parameters (moments at zero, step 0). The grain iterator position is not stored: an
   imported checkpoint starts its data from the beginning. The work dir must not hold a run yet.
   """
-  from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from plt_jax import optimizer as opt_lib  # pylint: disable=g-import-not-at-top
+  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from plt_jax.train import optimizer as opt_lib  # pylint: disable=g-import-not-at-top
   from plt_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
 
   workdir = os.path.abspath(os.path.expanduser(workdir))

@@ -8,7 +8,8 @@ from typing import Mapping, Optional, Sequence
 def torch_generate_timings(models: Mapping[str, tuple[str, str]],
                            prompt_ids: Sequence[Sequence[int]], new_tokens: int, *,
                            repeats: int = 3, threads: Optional[int] = None,
-                           dtype: Optional[str] = None) -> dict[str, dict]:
+                           dtype: Optional[str] = None,
+                           count_ops: bool = False) -> dict[str, dict]:
   """Times greedy `model.generate` of several HF directories, interleaved.
 
   models: name -> (hf_dir, model_class). model_class 'auto' loads the exported modeling file
@@ -23,6 +24,8 @@ def torch_generate_timings(models: Mapping[str, tuple[str, str]],
     decode_s_per_token   (total_s - prefill_s) / (new_tokens - 1)
     tokens_per_s         batch * (new_tokens - 1) / (total_s - prefill_s)
   and the setup (batch, prompt_len, new_tokens, torch_threads, dtype, device, model_class).
+  count_ops: also decode_step_ops / decode_step_ops_total, the torch ops of one decode step
+  (`decode_step_ops`, counted with the torch profiler after the timings).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -84,6 +87,9 @@ def torch_generate_timings(models: Mapping[str, tuple[str, str]],
         'model_class': type(model).__name__,
         'transformers': transformers.__version__,
     }
+    if count_ops:
+      ops = decode_step_ops(model, ids)
+      results[name].update(decode_step_ops=ops['top_level'], decode_step_ops_total=ops['total'])
   return results
 
 
@@ -93,3 +99,41 @@ def torch_generate_timing(hf_dir: str, prompt_ids: Sequence[Sequence[int]], new_
   """`torch_generate_timings` of one directory."""
   return torch_generate_timings({'model': (hf_dir, model_class)}, prompt_ids, new_tokens,
                                 repeats=repeats, threads=threads, dtype=dtype)['model']
+
+
+def decode_step_ops(model, prompt_ids) -> dict:
+  """Torch ops one greedy decode step issues, counted with the torch profiler.
+
+  The step is what `generate` runs per token: the forward of one new token against the cache of
+  `prompt_ids` ([batch, prompt_len], no padding; all-ones mask, the next position) and the argmax.
+  Returns top_level (aten ops called from Python: each one pays the dispatch and, with several
+  threads, a thread-pool barrier) and total (those plus the aten ops they call).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  ids = torch.as_tensor(prompt_ids, dtype=torch.long)
+  with torch.inference_mode():
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    field = 'cache' if 'cache' in type(out).__dataclass_fields__ else 'past_key_values'
+    cache, tok = getattr(out, field), out.logits[:, -1:].argmax(-1)
+
+    def step(cache, tok):
+      n = cache.get_seq_length()
+      o = model(input_ids=tok, attention_mask=torch.ones(ids.shape[0], n + 1, dtype=torch.long),
+                position_ids=torch.full_like(tok, n), use_cache=True, logits_to_keep=1,
+                **{field: cache})
+      return getattr(o, field), o.logits[:, -1:].argmax(-1)
+
+    cache, tok = step(cache, tok)  # warm-up: first-step allocations are not per-token work
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+      step(cache, tok)
+  aten = [e for e in prof.events() if e.name.startswith('aten::')]
+
+  def nested(e):
+    p = e.cpu_parent
+    while p is not None:
+      if p.name.startswith('aten::'):
+        return True
+      p = p.cpu_parent
+    return False
+  return {'top_level': sum(not nested(e) for e in aten), 'total': len(aten)}

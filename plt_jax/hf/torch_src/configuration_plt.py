@@ -11,7 +11,8 @@ LoopCoder-V2 release's config.json: the Llama fields plus
   plt_emb_scale               a in the cross-loop input  a * E[i] + b * h_{r-1}[i-1]  (None = 1.0)
   plt_hidden_scale            b                                                       (None = 1.0)
   plt_gate_use_hidden_states  True: g = sigmoid(W RMSNorm_g(x) + b) on the residual, W [H, d];
-                              False: g_h = sigmoid(q_h . w_h + b_h) on the post-RoPE query, w [H, E]
+                              False (the default, as in the release's configuration class):
+                              g_h = sigmoid(q_h . w_h + b_h) on the post-RoPE query, w [H, E]
 and one field of ours, absent from the release (which means 'plt'):
   plt_loop_mode               'plt' (CLP + G-SWA) or 'vanilla' (each loop feeds the next, no shift,
                               no gate, full causal attention over each loop's own keys)
@@ -50,7 +51,7 @@ class PLTConfig(PretrainedConfig):
       plt_normalize_per_loop=True,
       plt_emb_scale=None,
       plt_hidden_scale=None,
-      plt_gate_use_hidden_states=True,
+      plt_gate_use_hidden_states=False,
       plt_loop_mode="plt",
       **kwargs,
   ):

@@ -18,7 +18,7 @@ Cache layout (choices documented here and in the benchmark):
     written before attending, so the local branch reads exactly keys p-W+1 .. p from the ring.
     (W-1 slots plus the fresh key would also do; W keeps the step a plain masked attention.)
   * KV bytes = loop 1: 2*L*K*E*bytes per token of max_len, each extra loop: W tokens' worth,
-    plus (R-1)*D saved hidden values, all per sequence (plt.md). `lengths` (4 bytes/sequence) is
+    plus (R-1)*D saved hidden values, all per sequence (docs/model.md). `lengths` (4 bytes/sequence) is
     bookkeeping, reported apart. Vanilla keeps R full loop caches and no hidden states.
 All functions here are pure: call them inside `jax.jit` on a merged model (see `Decoder`).
 """
@@ -94,13 +94,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int):
 
 
 # ------------------------------------------------------------------------------------------------
-# KV bytes: the plt.md formula, and what the arrays actually hold
+# KV bytes: the formula of docs/model.md, and what the arrays actually hold
 def kv_cache_bytes(cfg: ModelConfig, batch: int, max_len: int) -> dict[str, int]:
-  """Analytic cache size (plt.md, "KV cache"), in bytes, for `batch` sequences of max_len slots.
+  """Analytic cache size (docs/model.md, the KV cache section), in bytes, for `batch` sequences of max_len slots.
 
   kv_full: full-length caches (loop 1; all R loops for vanilla); kv_window: the W-token windows
-  of loops 2..R; hidden: the (R-1)*D saved values; kv_total: their sum (what plt.md counts);
-  index: the per-sequence int32 lengths (bookkeeping, not part of plt.md's count).
+  of loops 2..R; hidden: the (R-1)*D saved values; kv_total: their sum (what docs/model.md counts);
+  index: the per-sequence int32 lengths (bookkeeping, not part of that count).
   """
   nbytes = _DTYPE_BYTES[cfg.dtype]
   per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * nbytes

@@ -111,7 +111,7 @@ def variant_model_config(config: ml_collections.ConfigDict, num_loops: int, loop
 def budget_steps(config: ml_collections.ConfigDict, variants: list[tuple[str, int, str]],
                  vocab_size: Optional[int] = None) -> dict[str, int]:
   """Training steps per variant under `sweep.budget`."""
-  from plt_jax import flops as flops_lib  # pylint: disable=import-outside-toplevel
+  from plt_jax.train import flops as flops_lib  # pylint: disable=import-outside-toplevel
   steps = int(config.train.steps)
   if sweep_budget(config) == 'steps':
     return {n: steps for n, _, _ in variants}
@@ -126,7 +126,7 @@ def budget_steps(config: ml_collections.ConfigDict, variants: list[tuple[str, in
 def decode_latency(model, *, batch: int, prompt_len: int, steps: int, warmup: int = 5) -> dict:
   """Median per-token decode latency (s) with PLT's (or vanilla's) cached step, same as the bench."""
   import jax  # pylint: disable=import-outside-toplevel
-  from plt_jax import decode  # pylint: disable=import-outside-toplevel
+  from plt_jax.infer import decode  # pylint: disable=import-outside-toplevel
 
   rng = np.random.default_rng(0)
   max_len = prompt_len + warmup + steps + 1
@@ -153,9 +153,9 @@ def run_dir(root: str, name: str, seed: int, per_seed: bool) -> str:
 def run_variant(config, name, num_loops, loop_mode, root, *, seed: Optional[int] = None,
                 steps: Optional[int] = None, per_seed: bool = False, log=print) -> dict[str, Any]:
   """Trains (or resumes, or skips when finished) one (variant, seed) run and returns its result."""
-  from plt_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from plt_jax import diagnostics  # pylint: disable=import-outside-toplevel
-  from plt_jax import flops as flops_lib  # pylint: disable=import-outside-toplevel
+  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from plt_jax.study import diagnostics  # pylint: disable=import-outside-toplevel
+  from plt_jax.train import flops as flops_lib  # pylint: disable=import-outside-toplevel
   from plt_jax import train  # pylint: disable=import-outside-toplevel
   from plt_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
 
@@ -310,7 +310,7 @@ def depth_check(summary: list[dict], heldout: int = 0) -> str:
 
 def _mean_curve(paths: list[str], split: str):
   """(steps, mean, std) of the loss at the steps every seed logged; std is 0 for one seed."""
-  from plt_jax.metrics import read_jsonl  # pylint: disable=import-outside-toplevel
+  from plt_jax.train.metrics import read_jsonl  # pylint: disable=import-outside-toplevel
   per_step: dict[int, list[float]] = {}
   for p in paths:
     for x in read_jsonl(p):

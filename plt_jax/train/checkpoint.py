@@ -25,7 +25,6 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -266,10 +265,3 @@ def load_for_inference(workdir: str, step: Optional[int] = None, mesh=None):
     ckpt.close()
   model = nnx.merge(graphdef, tree_into_state(abstract_params, restored['params']))
   return model, config, tokenizer
-
-
-def tree_equal(a, b) -> bool:
-  """Bitwise equality of two pytrees of arrays (a test helper)."""
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(la) == len(lb) and all(
-      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))

@@ -4,7 +4,7 @@
   loaded = load_model(path, source='workdir', step=400, dtype='bfloat16')
   loaded.model, loaded.tokenizer, loaded.config, loaded.info
 
-Both may be local or a gs:// URL. A work dir is what training writes (`plt_jax.checkpoint`: config.json, checkpoints/, tokenizer/);
+Both may be local or a gs:// URL. A work dir is what training writes (`plt_jax.train.checkpoint`: config.json, checkpoints/, tokenizer/);
 an HF export is what `plt_jax.hf.export_model` writes (config.json, safetensors, tokenizer.json).
 `random_model` gives random weights of a preset with the byte tokenizer, for smoke tests.
 """
@@ -32,7 +32,7 @@ class LoadedModel:
 def complete_steps(workdir: str) -> list[int]:
   """Finished checkpoint steps, as Orbax decides: locally an unfinished step still has its
   temporary name, in object storage it lacks its commit marker."""
-  from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   d = fileio.join(workdir, ckpt_lib.CHECKPOINT_DIR)
   if not fileio.isdir(d):
     return []
@@ -45,7 +45,7 @@ def complete_steps(workdir: str) -> list[int]:
 
 def detect_source(path: str) -> str:
   """'workdir' or 'hf' for the directory at `path`; a one-line error naming it otherwise."""
-  from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from plt_jax.hf import importer  # pylint: disable=g-import-not-at-top
   if not fileio.isdir(path):
     raise FileNotFoundError(f'{path!r} is not a directory (expected a training work dir or a '
@@ -80,7 +80,7 @@ def load_model(path: str, *, source: Optional[str] = None, step: Optional[int] =
     model, tokenizer = load_hf_checkpoint(path, mesh=mesh, dtype=dtype or 'float32')
     step = None
   elif source == 'workdir':
-    from plt_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     if step is None:  # resolved here: `info` records which step was loaded
       steps = complete_steps(path)
       if not steps:

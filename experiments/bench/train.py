@@ -41,7 +41,7 @@ from flax import nnx
 
 from plt_jax import attention as attention_lib
 from plt_jax import presets
-from plt_jax import profiling
+from experiments.bench import profiling
 from plt_jax import sharding as sharding_lib
 from plt_jax import train as train_lib
 from plt_jax.config import PRESETS, ModelConfig
@@ -150,7 +150,7 @@ class TorchSide:
     self.model, self.clip_norm = model, opt_cfg.clip_norm
     self.model_name = type(model).__name__
     self.attention = getattr(model.config, '_attn_implementation', None)
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # as plt_jax.optimizer.decay_mask
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # as plt_jax.train.optimizer.decay_mask
     keep = [p for p in model.parameters() if p.ndim < 2]
     self.opt = torch.optim.AdamW([dict(params=decay, weight_decay=opt_cfg.weight_decay),
                                   dict(params=keep, weight_decay=0.0)],

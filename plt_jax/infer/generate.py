@@ -1,4 +1,4 @@
-"""Batched generation on top of `plt_jax.decode`: sampling, stop tokens, streaming.
+"""Batched generation on top of `plt_jax.infer.decode`: sampling, stop tokens, streaming.
 
 Shapes are static: prompts are right-padded to a bucketed width and the cache to a bucketed
 max_len, so a new prompt of similar size reuses the compiled prefill, and every token reuses the one
@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plt_jax import loading
-from plt_jax.decode import Decoder
+from plt_jax.infer import loading
+from plt_jax.infer.decode import Decoder
 
 Array = jax.Array
 

@@ -1,4 +1,4 @@
-"""Per-loop diagnostics of a looped model (LoopCoder-v2 section 3.2; table in shared/design/plt.md).
+"""Per-loop diagnostics of a looped model (LoopCoder-v2 section 3.2; defined in docs/model.md).
 
 Notation: h_0 = the loop-1 input E, h_r = output of loop r (r = 1..R). Every metric is a mean over
 valid tokens of held-out text (segment_ids > 0); `loop_diagnostics` returns sums and counts so that
@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from plt_jax import fileio
-from plt_jax import metrics as metrics_lib
+from plt_jax.train import metrics as metrics_lib
 
 Array = jax.Array
 _EPS = 1e-30
@@ -324,7 +324,7 @@ def diagnose_workdir(workdir: str, *, step: Optional[int] = None, max_batches: i
   The validation batches are those the run evaluates on (same tokenizer, packing and split).
   Returns (results, written paths). Default out_dir: <workdir>/diagnostics.
   """
-  from plt_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from plt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
 
   model, config, _ = ckpt_lib.load_for_inference(workdir, step=step)
