@@ -6,6 +6,7 @@
 
 Several --prompt / --prompt_file flags make one batch (prompts may differ in length). Decoding is
 PLT's one-pass parallel step (or the R-pass step for vanilla models), see plt_jax/infer/decode.py.
+--exit=confidence:0.9 lets each token leave at the first loop whose readout is that sure.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ def parse_args(argv=None):
   p.add_argument('--ignore_eos', action='store_true', help='do not stop at the EOS token')
   p.add_argument('--stop_token', type=int, action='append', default=[], help='extra stop token id')
   p.add_argument('--max_len', type=int, default=None, help='cache slots per sequence')
+  p.add_argument('--exit', default=None, metavar='RULE',
+                 help="adaptive loop exit for PLT: 'confidence:TAU' or 'kl:EPS' (docs/decoding.md)")
   return p.parse_args(argv)
 
 
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
     run_generation(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                    sampling=sampling, seed=args.seed, add_bos=not args.no_bos,
                    stop_at_eos=not args.ignore_eos, stop_tokens=args.stop_token,
-                   generator=Generator(model, max_len=args.max_len))
+                   generator=Generator(model, max_len=args.max_len, exit_rule=args.exit))
   except (ValueError, OSError) as e:  # bad requests or paths: a clear message, no traceback
     raise SystemExit(f'error: {e}') from e
   return 0

@@ -10,7 +10,8 @@ A token that meets no rule uses the last loop. `confidence:1` (or more) and `kl:
 exit early, so they reproduce the plain R-loop model exactly.
 
 In a PLT all loops of a token run in the same decode step, so an early exit saves work only when
-every sequence of a batch has exited a loop (the rows can then be skipped); see `plt_jax.infer.decode`.
+every sequence of a batch has exited a loop (the rows can then be skipped); see
+`plt_jax.infer.decode.plt_exit_decode_step`.
 """
 from __future__ import annotations
 
@@ -71,17 +72,25 @@ def readout_stats(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
   return top, jnp.concatenate([jnp.zeros_like(top[:1]), kl])
 
 
+def exit_met(top_logp, kl_prev, rule: ExitRule):
+  """bool [R, ...]: whether loop r's readout meets the rule (the last loop is not forced)."""
+  xp = jnp if isinstance(top_logp, jax.Array) else np
+  num_loops = top_logp.shape[0]
+  if rule.never_exits:
+    return xp.zeros(top_logp.shape, bool)
+  if rule.kind == 'confidence':
+    return top_logp >= xp.log(xp.float32(rule.threshold))
+  return (kl_prev < rule.threshold) & (xp.arange(num_loops) >= 1).reshape(
+      (num_loops,) + (1,) * (top_logp.ndim - 1))
+
+
 def exit_from_stats(top_logp, kl_prev, rule: ExitRule):
   """int32 [...]: the 0-based exit loop from `readout_stats` (jax or numpy arrays)."""
   xp = jnp if isinstance(top_logp, jax.Array) else np
   num_loops = top_logp.shape[0]
   if rule.never_exits or num_loops == 1:
     return xp.full(top_logp.shape[1:], num_loops - 1, xp.int32)
-  if rule.kind == 'confidence':
-    ok = top_logp >= xp.log(xp.float32(rule.threshold))
-  else:
-    ok = (kl_prev < rule.threshold) & (xp.arange(num_loops) >= 1).reshape(
-        (num_loops,) + (1,) * (top_logp.ndim - 1))
+  ok = exit_met(top_logp, kl_prev, rule)
   ok = xp.concatenate([ok[:-1], xp.ones_like(ok[-1:])])
   return xp.argmax(ok, axis=0).astype(xp.int32)   # argmax of bools: the first True
 

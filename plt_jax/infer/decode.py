@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from plt_jax import attention as attn
+from plt_jax import loop_exit
 from plt_jax.config import ModelConfig
 from plt_jax.runtime import Runtime, decode_matmul
 from plt_jax.sharding import ShardingConfig
@@ -209,41 +210,130 @@ def prefill(model, tokens_BS: Array, lengths_B: Array, max_len: int, *,
 
 # ------------------------------------------------------------------------------------------------
 # Decode steps
-def plt_decode_step(model, cache: PLTCache, tokens_B: Array, rt: Runtime):
-  """One PLT decode step: all R loops of the newest token in ONE pass of R rows.
+def _plt_rows(model, cache: PLTCache, tokens_B: Array, rt: Runtime, rows: int):
+  """Loops 1..rows of the newest token as `rows` rows of one pass.
 
-  Returns (logits [B, V] float32 for the token after `tokens`, updated cache).
+  Returns (x [B, rows, D] after the stack, k1, v1, k_loc, v_loc) with loop 1's cache and the rings
+  of loops 2..rows written at the token's slot; the rings of loops past `rows` are unchanged.
   """
   cfg = model.cfg
-  R = cfg.num_loops
   b = tokens_B.shape[0]
   pos = cache.lengths                                                       # [B]
   e = model.embed(tokens_B[:, None], rt)                                    # [B, 1, D]
   # Row r is loop r+1 of token t; its CLP input reads loop r's output at t-1 (saved last step).
   prev = [jnp.where((pos > 0)[:, None, None], cache.hidden[r - 1][:, None], 0)
-          for r in range(1, R)]
-  x = jnp.concatenate([e] + [model.clp(e, p) for p in prev], axis=1)       # [B, R, D]
-  positions = jnp.broadcast_to(pos[:, None], (b, R))
+          for r in range(1, rows)]
+  x = jnp.concatenate([e] + [model.clp(e, p) for p in prev], axis=1)       # [B, rows, D]
+  positions = jnp.broadcast_to(pos[:, None], (b, rows))
   new = []
   for j, layer in enumerate(model.layers):
     q, k, v = layer.project(x, positions, rt)
-    if R == 1:
+    if rows == 1:
       y, kv = rt.attention.cached_causal(q, k, v, attn.KVCache(cache.k1[j], cache.v1[j]), pos)
-      new.append((kv.k, kv.v))
+      new.append((kv.k, kv.v) + ((cache.k_loc[j], cache.v_loc[j]) if cfg.num_loops > 1 else ()))
     else:
-      gate = layer.self_attn.plt_gate(x[:, 1:], q[:, 1:])                  # [B, R-1, H]
-      layer_cache = attn.GSWACache(cache.k1[j], cache.v1[j], cache.k_loc[j], cache.v_loc[j])
+      gate = layer.self_attn.plt_gate(x[:, 1:], q[:, 1:])                  # [B, rows-1, H]
+      k_ring, v_ring = cache.k_loc[j], cache.v_loc[j]
+      layer_cache = attn.GSWACache(cache.k1[j], cache.v1[j], k_ring[:, :rows - 1],
+                                   v_ring[:, :rows - 1])
       y, layer_cache = rt.attention.cached_gswa(q, k, v, gate, layer_cache, pos,
                                                 window=cfg.window_size)
-      new.append(tuple(layer_cache))
+      k1, v1, k_new, v_new = layer_cache
+      if rows < cfg.num_loops:
+        k_new = jnp.concatenate([k_new, k_ring[:, rows - 1:]], axis=1)
+        v_new = jnp.concatenate([v_new, v_ring[:, rows - 1:]], axis=1)
+      new.append((k1, v1, k_new, v_new))
     x = layer.finish(x, y, rt)
+  k1, v1, *rings = zip(*new)
+  k_loc, v_loc = rings if rings else ((), ())
+  return x, tuple(k1), tuple(v1), tuple(k_loc), tuple(v_loc)
+
+
+def plt_decode_step(model, cache: PLTCache, tokens_B: Array, rt: Runtime):
+  """One PLT decode step: all R loops of the newest token in ONE pass of R rows.
+
+  Returns (logits [B, V] float32 for the token after `tokens`, updated cache).
+  """
+  R = model.cfg.num_loops
+  x, k1, v1, k_loc, v_loc = _plt_rows(model, cache, tokens_B, rt, R)
   hidden = cache.hidden
   if R > 1:
     hidden = jnp.swapaxes(model.between_loops(x[:, :R - 1]), 0, 1).astype(hidden.dtype)
   logits = model.head(x[:, R - 1:], rt)[:, 0]
-  k1, v1, *rings = zip(*new)
-  k_loc, v_loc = rings if rings else ((), ())
-  return logits, PLTCache(k1, v1, tuple(k_loc), tuple(v_loc), hidden, pos + 1)
+  return logits, PLTCache(k1, v1, k_loc, v_loc, hidden, cache.lengths + 1)
+
+
+def _copy_exit_state(model, cache: PLTCache, x, k1, v1, k_loc, v_loc, exit_B) -> PLTCache:
+  """The state of loops past each sequence's exit loop e: their ring slot of this token holds
+  loop e's keys/values, and their saved shifted input is loop e's (`between_loops(h_e)`)."""
+  R = model.cfg.num_loops
+  pos = cache.lengths
+  b = exit_B.shape[0]
+  slot = pos % model.cfg.window_size
+  rows_B = jnp.arange(b)
+  later = jnp.arange(2, R + 1)[None, :] > (exit_B[:, None] + 1)            # [B, R-1]: loop > e
+  at_slot = jax.nn.one_hot(slot, model.cfg.window_size, dtype=bool)        # [B, W]
+  fill = (later[:, :, None] & at_slot[:, None, :])[..., None, None]        # [B, R-1, W, 1, 1]
+
+  def copied(c1, ring):
+    loop1 = c1[rows_B, pos]                                                # [B, K, E]
+    ring_e = ring[rows_B, jnp.maximum(exit_B - 1, 0), slot]                # [B, K, E]
+    src = jnp.where((exit_B == 0)[:, None, None], loop1, ring_e)
+    return jnp.where(fill, src[:, None, None], ring)
+
+  k_loc = tuple(copied(c, r) for c, r in zip(k1, k_loc))
+  v_loc = tuple(copied(c, r) for c, r in zip(v1, v_loc))
+  rows = x.shape[1]
+  saved = model.between_loops(x[:, :min(rows, R - 1)])                     # [B, n, D]
+  hidden = list(cache.hidden)
+  for i in range(R - 1):                     # hidden[i] feeds loop i+2; from loop min(i, e)+1
+    src = jnp.take_along_axis(saved, jnp.minimum(exit_B, i)[:, None, None], axis=1)[:, 0]
+    hidden[i] = src.astype(cache.hidden.dtype)
+  return PLTCache(k1, v1, k_loc, v_loc, jnp.stack(hidden), pos + 1)
+
+
+def plt_exit_decode_step(model, cache: PLTCache, tokens_B: Array, rt: Runtime, rule):
+  """A PLT decode step with adaptive loop exit (`plt_jax.loop_exit.ExitRule`).
+
+  Each sequence exits at the first loop whose readout (Norm_f + head of that row) meets the rule,
+  else at loop R, and its next-token distribution is that loop's readout. The rows are run in
+  growing prefixes, rows 1..k for k = 1 (2 for the kl rule), ..., R, each prefix one pass over the
+  original cache, and the step stops at the first prefix in which every sequence of the batch has
+  exited: the later rows are skipped. Since a prefix recomputes the rows before it, a step that
+  runs to k rows costs k passes, which pays off only when most steps stop early.
+
+  State policy (so that a sequence's tokens do not depend on its batch): the loops past a
+  sequence's exit loop e take loop e's state for this token, whether or not their rows ran: their
+  ring slot holds loop e's keys/values and their saved shifted input is `between_loops(h_e)`.
+  A rule that never exits (confidence >= 1, kl <= 0) is the plain step, bit for bit.
+
+  Returns (log-probabilities [B, V] float32 at the exit loops, exit loops [B] int32 (0-based),
+  rows run (int32 scalar), updated cache).
+  """
+  R = model.cfg.num_loops
+  b = tokens_B.shape[0]
+  if rule.never_exits or R == 1:
+    logits, new = plt_decode_step(model, cache, tokens_B, rt)
+    return (jax.nn.log_softmax(logits, axis=-1), jnp.full((b,), R - 1, jnp.int32),
+            jnp.int32(R), new)
+
+  def finish(k, x, parts, exit_B):
+    logp = jax.nn.log_softmax(model.head(x, rt).astype(jnp.float32), axis=-1)   # [B, k, V]
+    out = jnp.take_along_axis(logp, exit_B[:, None, None], axis=1)[:, 0]
+    return out, exit_B, jnp.int32(k), _copy_exit_state(model, cache, x, *parts, exit_B)
+
+  def run(k):
+    x, *parts = _plt_rows(model, cache, tokens_B, rt, k)
+    logp = jax.nn.log_softmax(model.head(x, rt).astype(jnp.float32), axis=-1)   # [B, k, V]
+    top, kl = loop_exit.readout_stats(jnp.moveaxis(logp, 1, 0))
+    met = loop_exit.exit_met(top, kl, rule)                                     # [k, B]
+    if k == R:
+      return finish(k, x, parts, loop_exit.exit_from_stats(top, kl, rule))
+    exit_B = jnp.argmax(met, axis=0).astype(jnp.int32)
+    return jax.lax.cond(jnp.all(jnp.any(met, axis=0)),
+                        lambda: finish(k, x, parts, exit_B), lambda: run(k + 1))
+
+  return run(1 if rule.kind == 'confidence' else 2)
 
 
 def vanilla_decode_step(model, cache: VanillaCache, tokens_B: Array, rt: Runtime):
@@ -334,6 +424,15 @@ def _jitted_step(graphdef, treedef, rt: Runtime, compiler_options: tuple = ()):
   return jax.jit(_step, donate_argnums=(1,), **opts)
 
 
+@functools.lru_cache(maxsize=_COMPILED_ENTRY_POINTS)
+def _jitted_exit_step(graphdef, treedef, rt: Runtime, rule, compiler_options: tuple = ()):
+  def _step(leaves, cache, tokens):
+    return plt_exit_decode_step(_merge(graphdef, treedef, leaves), cache, tokens, rt, rule)
+
+  opts = {'compiler_options': dict(compiler_options)} if compiler_options else {}
+  return jax.jit(_step, donate_argnums=(1,), **opts)
+
+
 class Decoder:
   """Holds a model's weights (a flat list of arrays, `state`) and the jitted prefill / decode step.
 
@@ -390,6 +489,17 @@ class Decoder:
   def step(self, cache, tokens_B):
     tokens_B = jnp.asarray(tokens_B, jnp.int32)
     return self._step_fn(tokens_B.shape[0])(self.state, cache, tokens_B)
+
+  def exit_step(self, cache, tokens_B, rule: loop_exit.ExitRule):
+    """A PLT step with adaptive loop exit (`plt_exit_decode_step`): (log-probabilities [B, V] at
+    each sequence's exit loop, exit loops [B] (0-based), rows run, cache)."""
+    if self.cfg.loop_mode == 'vanilla':
+      raise ValueError('adaptive loop exit is for PLT decoding; a vanilla looped model runs its '
+                       'loops one after another (use it with R\' loops instead)')
+    tokens_B = jnp.asarray(tokens_B, jnp.int32)
+    fn = _jitted_exit_step(self.graphdef, self._treedef, self.step_runtime(tokens_B.shape[0]),
+                           rule, self._opts)
+    return fn(self.state, cache, tokens_B)
 
   def compile_step(self, cache, tokens_B):
     """The step compiled ahead of time for these shapes: call it as f(decoder.state, cache,

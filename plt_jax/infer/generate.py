@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from plt_jax import loop_exit
+from plt_jax import tokenizer as tok_lib
 from plt_jax.infer import loading
 from plt_jax.infer.decode import Decoder
 
@@ -93,6 +95,11 @@ class GenerationResult:
   decode_s: float
   decode_tokens: int
   num_steps: int
+  # With an exit rule (`Generator(exit_rule=...)`): the mean loop count of the tokens the decode
+  # steps emitted (the first token comes from the prefill, at loop R) and the mean number of loop
+  # rows a decode step ran. None without a rule.
+  mean_loops: Optional[float] = None
+  mean_rows: Optional[float] = None
 
   @property
   def num_generated(self) -> int:
@@ -123,12 +130,21 @@ class Generator:
 
   max_len: cache slots per sequence; by default the smallest multiple of `len_bucket` that fits
   the request (capped at cfg.max_seq_len). prompt_bucket: prompts are right-padded to a multiple.
+  exit_rule: adaptive loop exit for PLT decode steps ('confidence:0.9', 'kl:5e-4' or a
+  `loop_exit.ExitRule`; see `decode.plt_exit_decode_step`); None: every token uses loop R.
   """
 
   def __init__(self, model, *, max_len: Optional[int] = None, len_bucket: int = 64,
-               prompt_bucket: int = 16, compiler_options: Optional[dict] = None):
+               prompt_bucket: int = 16, compiler_options: Optional[dict] = None,
+               exit_rule=None):
     self.model = model
     self.cfg = model.cfg
+    if isinstance(exit_rule, str):
+      exit_rule = loop_exit.ExitRule.parse(exit_rule)
+    if exit_rule is not None and self.cfg.loop_mode == 'vanilla':
+      raise ValueError(f'exit rule {exit_rule}: adaptive loop exit is for PLT decoding; a vanilla '
+                       'looped model runs its loops one after another (evaluate it at R\' instead)')
+    self.exit_rule = exit_rule
     self.max_len = max_len
     self.len_bucket, self.prompt_bucket = len_bucket, prompt_bucket
     self.compiler_options = compiler_options
@@ -158,7 +174,7 @@ class Generator:
     need = longest + max_new_tokens - 1  # the last generated token is never fed back
     max_len = self.max_len or min(_round_up(max(need, 1), self.len_bucket), cfg.max_seq_len)
     if need > max_len:
-      where = 'max_len' if self.max_len else f"the model's max_seq_len"
+      where = 'max_len' if self.max_len else "the model's max_seq_len"
       raise ValueError(f'a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} needs '
                        f'{need} cache slots, more than {where}={max_len}')
     dec = self.decoder(max_len)
@@ -179,10 +195,15 @@ class Generator:
     prefill_s = t_prefilled - t0
 
     steps, decode_tokens, t_steady = 0, 0, None
+    exits, rows_run, loops_used, exit_tokens = {}, [], 0, 0
     for i in range(max_new_tokens):
       nxt = None
       if i + 1 < max_new_tokens:  # dispatch the next step before looking at this one's tokens
-        logits, cache = dec.step(cache, tok)
+        if self.exit_rule is None:
+          logits, cache = dec.step(cache, tok)
+        else:
+          logits, exits[i + 1], rows, cache = dec.exit_step(cache, tok, self.exit_rule)
+          rows_run.append(rows)
         nxt = sample(logits, key, i + 1)
         steps += 1
       host = np.asarray(tok)
@@ -192,6 +213,9 @@ class Generator:
           active[j], emitted[j], reasons[j] = False, False, 'stop'
         else:
           out[j].append(int(host[j]))
+      if i in exits:
+        loops_used += int((np.asarray(exits.pop(i)) + 1)[emitted].sum())
+        exit_tokens += int(emitted.sum())
       if i >= 2:  # produced by a step dispatched after the first step had finished
         decode_tokens += int(emitted.sum())
       if callback is not None:
@@ -208,16 +232,20 @@ class Generator:
     first_step_s = (t_steady or t_end) - t_prefilled
     decode_s = t_end - t_steady if t_steady is not None else 0.0
     del cache
-    return GenerationResult(out, reasons, [len(p) for p in prompts], prefill_s, first_step_s,
-                            decode_s, decode_tokens, steps)
+    result = GenerationResult(out, reasons, [len(p) for p in prompts], prefill_s, first_step_s,
+                              decode_s, decode_tokens, steps)
+    if self.exit_rule is not None:
+      result.mean_loops = loops_used / exit_tokens if exit_tokens else None
+      result.mean_rows = float(np.mean([int(r) for r in rows_run])) if rows_run else None
+    return result
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
              seed: int = 0, callback: Optional[StreamCallback] = None,
-             max_len: Optional[int] = None) -> GenerationResult:
+             max_len: Optional[int] = None, exit_rule=None) -> GenerationResult:
   """One-shot convenience wrapper around `Generator(model).generate(...)`."""
-  return Generator(model, max_len=max_len).generate(
+  return Generator(model, max_len=max_len, exit_rule=exit_rule).generate(
       prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop_tokens,
       seed=seed, callback=callback)
 
@@ -237,8 +265,7 @@ def load_model_and_tokenizer(workdir: Optional[str] = None, hf_dir: Optional[str
   if random_init is not None:
     model, tokenizer = loading.random_model(random_init)
     if tokenizer_path is not None:
-      from plt_jax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-      tokenizer = Tokenizer.from_pretrained(tokenizer_path)
+      tokenizer = tok_lib.Tokenizer.from_pretrained(tokenizer_path)
   else:
     source, path = ('workdir', workdir) if workdir is not None else ('hf', hf_dir)
     loaded = loading.load_model(path, source=source, step=step, tokenizer_path=tokenizer_path)
@@ -307,5 +334,8 @@ def run_generation(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
             f'prefill {res.prefill_s:.3f}s and first step {res.first_step_s:.3f}s (both include '
             f'compilation on first use), then {res.decode_tokens_per_s:.1f} tokens/s decoding; '
             f'{res.tokens_per_s:.1f} tokens/s overall; finish: {", ".join(res.finish_reasons)}\n')
+  if generator.exit_rule is not None and res.mean_loops is not None:
+    out.write(f'--- exit {generator.exit_rule}: {res.mean_loops:.2f} loops per decoded token on '
+              f'average, {res.mean_rows:.2f} loop rows run per step (of {model.cfg.num_loops})\n')
   out.flush()
   return res, texts
