@@ -121,6 +121,9 @@ def get_config(preset: Optional[str] = 'default', *,
       batch_size=p['batch_size'],          # global rows per optimizer step
       seq_len=p['seq_len'],
       grad_accum=1,                        # microbatches per step (same math as one batch)
+      # Per-loop loss: one weight per loop (loop 1 first), normalised to sum 1; the loss is then
+      # sum_r w_r * CE(Head(Norm_f(h_r))). () = the last loop only, the paper's recipe.
+      loop_loss_weights=(),
       # model.vocab_size := the tokenizer's size rounded up to vocab_multiple.
       vocab_from_tokenizer=True,
       vocab_multiple=128,

@@ -6,7 +6,8 @@ p.v), with the causal half taken into account:
   * global causal attention (loop 1, every loop of the vanilla baseline, and the K1/V1 branch
     of each G-SWA loop): (T + 1) / 2 keys on average over a row of T tokens;
   * the G-SWA window branch of loops r >= 2: mean_i min(i + 1, W) keys, about W when T >> W.
-The gate is counted for loops r >= 2, the LM head once (only the last loop has logits).
+The gate is counted for loops r >= 2, the LM head once per readout: the last loop's logits, plus
+one per earlier loop that the per-loop loss (train.loop_loss_weights) weighs.
 Training is 3x the forward pass (backward = 2x forward); rematerialisation is not counted
 (these are model FLOPs, as MFU conventionally uses). Packed documents would attend to fewer
 keys; we count full rows, the usual convention.
@@ -34,8 +35,10 @@ def mean_window_keys(seq_len: int, window: int) -> float:
   return (w * (w + 1) / 2 + (t - w) * w) / t
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-  """Forward and training FLOPs per token, broken down by part."""
+def flops_per_token(cfg: ModelConfig, seq_len: int,
+                    loop_weights: Optional[tuple] = None) -> dict[str, float]:
+  """Forward and training FLOPs per token, broken down by part. loop_weights: the per-loop loss
+  weights (loop 1 first), whose non-zero entries before the last loop add a readout each."""
   d, h, k, e, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
   r, n_layers = cfg.num_loops, cfg.num_layers
   dense_layer = 2 * d * h * e + 2 * 2 * d * k * e + 2 * h * e * d + 2 * 3 * d * f
@@ -49,7 +52,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
       attention_window=float(n_layers * per_pair * mean_window_keys(seq_len, cfg.window_size)
                              * (r - 1) if gated else 0.0),
       gate=float(n_layers * gate_layer * (r - 1)),
-      head=float(2 * d * cfg.vocab_size),
+      head=float(2 * d * cfg.vocab_size * (1 + sum(1 for w in (loop_weights or ())[:-1] if w))),
   )
   out['forward'] = sum(out.values())
   out['train'] = 3.0 * out['forward']

@@ -77,7 +77,7 @@ class Program:
 
   @classmethod
   def build(cls, model_cfg: ModelConfig, tx, mesh, *, schedule=None, grad_accum: int = 1,
-            rules=None) -> 'Program':
+            rules=None, loop_weights: Optional[tuple] = None) -> 'Program':
     rules = rules or sharding_lib.LOGICAL_RULES
     graphdef, abstract, shardings = abstract_train_state(model_cfg, tx, mesh, rules)
     init_fn = jax.jit(lambda rng: nnx.split(_train_state(model_cfg, tx, rng))[1],
@@ -85,7 +85,7 @@ class Program:
     # How the model runs inside the steps: the config's attention backend, on this mesh.
     rt = Runtime.for_model(model_cfg, sharding=sharding_lib.ShardingConfig(mesh, rules))
     train_step = None if schedule is None else make_train_step(
-        graphdef, shardings, rt, schedule, grad_accum=grad_accum)
+        graphdef, shardings, rt, schedule, grad_accum=grad_accum, loop_weights=loop_weights)
     return cls(graphdef, abstract, shardings, mesh, schedule, init_fn, train_step,
                make_eval_step(graphdef, shardings, rt))
 
@@ -93,14 +93,16 @@ class Program:
 
   @classmethod
   def get(cls, model_cfg: ModelConfig, opt_cfg, total_steps: int, mesh, *,
-          grad_accum: int = 1) -> 'Program':
-    key = (model_cfg, mesh, opt_cfg.to_json(sort_keys=True), total_steps, grad_accum)
+          grad_accum: int = 1, loop_weights: Optional[tuple] = None) -> 'Program':
+    key = (model_cfg, mesh, opt_cfg.to_json(sort_keys=True), total_steps, grad_accum,
+           loop_weights)
     if key not in cls._cache:
       tx = opt_lib.make_optimizer(opt_cfg, total_steps)
       schedule = opt_lib.learning_rate_schedule(opt_cfg, total_steps)
       while len(cls._cache) >= 4:  # compiled programs hold memory; keep the recent ones
         cls._cache.pop(next(iter(cls._cache)))
-      cls._cache[key] = cls.build(model_cfg, tx, mesh, schedule=schedule, grad_accum=grad_accum)
+      cls._cache[key] = cls.build(model_cfg, tx, mesh, schedule=schedule, grad_accum=grad_accum,
+                                  loop_weights=loop_weights)
     return cls._cache[key]
 
 
@@ -110,13 +112,46 @@ class Program:
 PROFILE_SCOPES = NAMED_SCOPES + ('loss', 'optimizer')
 
 
-def loss_sums(model: PLT, batch: Batch, rt: Optional[Runtime] = None):
-  """(sum of masked next-token cross-entropy, number of loss tokens) on final-loop logits."""
-  logits = model(batch['inputs'], batch['positions'], batch['segment_ids'], runtime=rt)
+def normalized_loop_weights(weights, num_loops: int) -> Optional[tuple]:
+  """train.loop_loss_weights -> R weights summing to 1, or None when the per-loop loss is off.
+
+  () is off (the paper's recipe: the loss is on the last loop only). Otherwise one non-negative
+  weight per loop, loop 1 first, with a positive sum.
+  """
+  weights = tuple(float(w) for w in (weights or ()))
+  if not weights:
+    return None
+  if len(weights) != num_loops or any(not w >= 0 for w in weights) or sum(weights) <= 0:
+    raise ValueError(f'train.loop_loss_weights={weights}: give one weight >= 0 per loop '
+                     f'({num_loops}), with a positive sum, or () for the last loop only')
+  total = sum(weights)
+  return tuple(w / total for w in weights)
+
+
+def loss_sums(model: PLT, batch: Batch, rt: Optional[Runtime] = None,
+              loop_weights: Optional[tuple] = None):
+  """(sum of masked next-token cross-entropy, number of loss tokens) on final-loop logits.
+
+  loop_weights (from `normalized_loop_weights`): the loss is instead sum_r w_r * CE_r, where
+  CE_r is the cross-entropy of loop r's readout Head(Norm_f(h_r)) (the last loop's is the
+  logits); loops of weight 0 get no readout.
+  """
   mask = batch['loss_mask'].astype(jnp.float32)
+  if loop_weights is None:
+    logits = model(batch['inputs'], batch['positions'], batch['segment_ids'], runtime=rt)
+    with jax.named_scope('loss'):
+      nll = metrics_lib.next_token_nll(logits, batch['targets'], mask)
+    return jnp.sum(nll), jnp.sum(mask)
+  logits, loops = model(batch['inputs'], batch['positions'], batch['segment_ids'], runtime=rt,
+                        return_loops=True)
+  total = jnp.zeros((), jnp.float32)
   with jax.named_scope('loss'):
-    nll = metrics_lib.next_token_nll(logits, batch['targets'], mask)
-  return jnp.sum(nll), jnp.sum(mask)
+    for r, w in enumerate(loop_weights):
+      if w == 0:
+        continue
+      readout = logits if r == len(loop_weights) - 1 else model.head(loops[r].hidden, rt)
+      total += w * jnp.sum(metrics_lib.next_token_nll(readout, batch['targets'], mask))
+  return total, jnp.sum(mask)
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
@@ -127,9 +162,10 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
 
 
 def make_train_step(graphdef, state_shardings, rt: Runtime, schedule: optax.Schedule, *,
-                    grad_accum: int = 1):
+                    grad_accum: int = 1, loop_weights: Optional[tuple] = None):
   """jit(state, batch) -> (state, metrics), state donated. rt: how the model runs (its
-  sharding holds the mesh and rules).
+  sharding holds the mesh and rules). loop_weights: the per-loop loss (see `loss_sums`); the
+  metric `loss` is then that weighted loss.
 
   With grad_accum = n the batch is cut into n microbatches whose gradient *sums* are
   accumulated; dividing by the total number of loss tokens gives the same math as one big
@@ -142,7 +178,7 @@ def make_train_step(graphdef, state_shardings, rt: Runtime, schedule: optax.Sche
     model_def, params, rest = nnx.split(ts.model, nnx.Param, ...)
 
     def micro(p, mb):
-      return loss_sums(nnx.merge(model_def, p, rest), mb, rt)
+      return loss_sums(nnx.merge(model_def, p, rest), mb, rt, loop_weights)
 
     grad_fn = jax.value_and_grad(micro, has_aux=True)
     if grad_accum == 1:
