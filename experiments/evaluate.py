@@ -7,6 +7,11 @@
                       OUT defaults to <run>/eval/humaneval-step<S>-n<samples>-t<temperature>.
   --suite=perplexity  bits per byte and token perplexity on the run's validation split, or on
                       --files=GLOB[,GLOB...]. Writes <run>/eval/perplexity-*.json.
+  --suite=synthetic   exact match on the held-out instances of a run trained on a synthetic task.
+  --loops=1,2,3,4,6   (synthetic or perplexity) the same weights at each test-time loop count,
+                      and adaptive-exit rules (--exit_rules, within the trained R) against the
+                      mean loops they use: <run>/eval/loops-<suite>-step<S>/ holds loops.json,
+                      loops.md and pareto.png.
 The model comes from a training work dir (--workdir, latest or --step checkpoint) or from an
 imported Hugging Face directory (--hf_dir). `run(...)` is the same thing as a function.
 """
@@ -16,6 +21,7 @@ from typing import Any
 
 from absl import app, flags
 
+from plt_jax.evaluation import loops as loops_lib
 from plt_jax.evaluation.runner import format_summary, run
 from experiments.common import fail, quiet_library_logs
 
@@ -59,6 +65,11 @@ _EVAL_BATCHES = flags.DEFINE_integer('eval_batches', -1, 'Validation batches: -1
                                      'the run evaluated, 0 = the whole split.')
 _EVAL_BATCH_SIZE = flags.DEFINE_integer('eval_batch_size', 0,
                                         'Rows per perplexity batch (default: the run\'s).')
+# loop counts
+_LOOPS = flags.DEFINE_string('loops', '', 'Test-time loop counts to evaluate, e.g. 1,2,3,4,6 '
+                             '(synthetic or perplexity); empty: evaluate the trained count only.')
+_EXIT_RULES = flags.DEFINE_list('exit_rules', None, 'Adaptive-exit rules for --loops, e.g. '
+                                'confidence:0.9,kl:0.01 (default: a sweep of thresholds of both).')
 
 
 def main(argv):
@@ -74,6 +85,17 @@ def main(argv):
                   memory_mb=_MEMORY.value, nproc=_NPROC.value, seed=_SEED.value,
                   ks=[int(k) for k in _KS.value], overwrite=_OVERWRITE.value,
                   allow_weaker_isolation=_WEAKER.value)
+  if _LOOPS.value:
+    try:
+      table = loops_lib.evaluate_workdir(
+          suite, _LOOPS.value, workdir=_WORKDIR.value, hf_dir=_HF_DIR.value, step=_STEP.value,
+          rules=_EXIT_RULES.value, out_dir=_OUT.value, batch_size=_EVAL_BATCH_SIZE.value,
+          limit=_LIMIT.value, dtype=_DTYPE.value)
+    except (ValueError, FileNotFoundError) as e:
+      fail('evaluate', str(e))
+    print(f'{suite}: R={table["trained_loops"]} {table["loop_mode"]}, {table["tokens"]:,} tokens '
+          f'scored\n{table["table_md"]}\n  results: {table["out_dir"]}', flush=True)
+    return
   try:
     summary = run(suite, workdir=_WORKDIR.value, hf_dir=_HF_DIR.value, step=_STEP.value,
                   dtype=_DTYPE.value, out_dir=_OUT.value, files=_FILES.value,

@@ -234,3 +234,26 @@ def test_synthetic_suite_on_a_trained_run(straight, tmp_path):
   with open(out['out_path']) as f:
     assert json.load(f)['correct'] == out['correct']
   assert 'exact match' in runner.format_summary(out)
+
+
+def test_loop_counts_and_exit_rules_on_a_trained_run(straight, tmp_path):
+  """`evaluate --loops`: R'=2 (the trained count) scores what the greedy synthetic suite scores;
+  every R' and rule gives a row; the outputs are written; a never-exiting rule is loop R."""
+  from plt_jax.evaluation import loops as loops_lib  # pylint: disable=g-import-not-at-top
+  greedy = runner.run('synthetic', workdir=straight, out_dir=str(tmp_path / 'g'),
+                      eval_batch_size=8)
+  t = loops_lib.evaluate_workdir('synthetic', '3,1,2', workdir=straight,
+                                 rules=['confidence:0.9', 'confidence:1', 'kl:0.01'],
+                                 out_dir=str(tmp_path / 'loops'), batch_size=8)
+  assert [r['loops'] for r in t['fixed']] == [1, 2, 3] and t['trained_loops'] == 2
+  assert t['groups'] == 16
+  assert t['fixed'][1]['exact_match'] == greedy['accuracy']
+  never = next(r for r in t['adaptive'] if r['rule'] == 'confidence:1')
+  assert never['mean_loops'] == 2.0 and never['exact_match'] == greedy['accuracy']
+  assert all(1.0 <= r['mean_loops'] <= 2.0 for r in t['adaptive'])
+  for name in ('loops.json', 'loops.md', 'pareto.png'):
+    assert (tmp_path / 'loops' / name).stat().st_size > 0
+  assert json.load(open(tmp_path / 'loops' / 'loops.json'))['fixed'][1]['loops'] == 2
+  assert "| R'=3 |" in t['table_md']
+  with pytest.raises(ValueError, match='loop counts are integers >= 1'):
+    loops_lib.evaluate_workdir('synthetic', '0,2', workdir=straight)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from typing import Any, Iterable, Optional, Sequence
 
 import jax
@@ -24,10 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from plt_jax import data as data_lib
 from plt_jax import fileio
 from plt_jax import loop_exit
+from plt_jax.evaluation import perplexity
+from plt_jax.infer import loading
 from plt_jax.model import with_num_loops
 from plt_jax.runtime import Runtime
+from plt_jax.train import checkpoint as ckpt_lib
 
 CONFIDENCE_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 KL_THRESHOLDS = (1.0, 0.3, 0.1, 0.03, 0.01, 1e-3, 1e-4)
@@ -210,3 +215,79 @@ def plot_pareto(t: dict, png_path: str, title: str = '') -> str:
   plt.close(fig)
   fileio.write_bytes(png_path, buf.getvalue())
   return str(png_path)
+
+
+def parse_loops(spec) -> list[int]:
+  """'1,2,3,4,6' (or a sequence) -> sorted distinct loop counts >= 1."""
+  items = spec.split(',') if isinstance(spec, str) else list(spec)
+  try:
+    loops = sorted({int(x) for x in items if str(x).strip()})
+  except ValueError:
+    raise ValueError(f'--loops={spec!r}: expected comma-separated loop counts, e.g. 1,2,3,4') \
+        from None
+  if not loops or loops[0] < 1:
+    raise ValueError(f'--loops={spec!r}: loop counts are integers >= 1')
+  return loops
+
+
+def _suite_batches(suite: str, loaded, workdir, *, batch_size: int, limit: int):
+  """(batches, token_bytes or None, whether it is a task) for the `suite` of a loaded run."""
+  config = loaded.config
+  if config is None:
+    if not workdir:
+      raise ValueError(f'--loops with --suite={suite} needs --workdir (a training run)')
+    config = ckpt_lib.load_config(fileio.abspath(workdir))
+  if suite == 'synthetic':
+    if config.data.source != 'synthetic':
+      raise ValueError(f'data.source={config.data.source!r}: --suite=synthetic needs a run '
+                       "trained with data.source='synthetic'")
+    held = data_lib.heldout_set(config.data)
+    if limit:
+      held = held[:int(limit)]
+    rows = task_rows(held, eos_id=loaded.tokenizer.eos_id)
+    return batches_of(rows, batch_size or 64), None, True
+  if suite == 'perplexity':
+    batches, tok, _ = perplexity.workdir_validation(
+        fileio.abspath(workdir or loaded.info['path']), config,
+        batch_size=batch_size or None)
+    if tok.sha256 != loaded.tokenizer.sha256:
+      raise ValueError('the model\'s tokenizer differs from the one of the run\'s data')
+    return batches, tok.token_bytes, False
+  raise ValueError(f'--loops evaluates --suite=synthetic or perplexity, not {suite!r}')
+
+
+def evaluate_workdir(suite: str, loops, *, workdir: Optional[str] = None,
+                     hf_dir: Optional[str] = None, step: Optional[int] = None,
+                     rules: Optional[Sequence] = None, out_dir: Optional[str] = None,
+                     batch_size: int = 0, limit: int = 0, dtype: Optional[str] = None) -> dict:
+  """Fixed loop counts and adaptive-exit rules of a run on a suite, written to
+  <run>/eval/loops-<suite>-<step>/ (loops.json, loops.md, pareto.png). Returns the table, with
+  `out_dir` and `table_md` added."""
+  source, path = ('hf', hf_dir) if hf_dir else ('workdir', workdir)
+  if not path:
+    raise ValueError('give --workdir (a training run) or --hf_dir')
+  loops = parse_loops(loops)
+  rules = [r if isinstance(r, loop_exit.ExitRule) else loop_exit.ExitRule.parse(r)
+           for r in (default_rules() if rules is None else rules)]
+  loaded = loading.load_model(path, source=source, step=step, dtype=dtype)
+  model, info = loaded.model, loaded.info
+  cfg = model.cfg
+  if rules and cfg.loop_mode == 'vanilla':
+    rules = []   # a vanilla model's loops are sequential: its fixed counts are the comparison
+  batches, token_bytes, task = _suite_batches(suite, loaded, workdir, batch_size=batch_size,
+                                              limit=limit)
+  stats_fn = make_stats_fn(model, max(max(loops), cfg.num_loops))
+  table = loop_table(collect(stats_fn, batches, token_bytes), trained_loops=cfg.num_loops,
+                     loops=loops, rules=rules, task=task)
+  table.update(suite=suite, model=info, loop_mode=cfg.loop_mode)
+  tag = f'step{info["step"]}' if info.get('step') is not None else 'hf'
+  out = fileio.path(out_dir) if out_dir else (
+      fileio.path(info['path'] if source == 'workdir' else fileio.abspath(workdir or hf_dir))
+      / 'eval' / f'loops-{suite}-{tag}')
+  md = format_table(table)
+  fileio.write_json(out / 'loops.json', table, sort_keys=True)
+  fileio.write_text(out / 'loops.md', md + '\n')
+  plot_pareto(table, os.fspath(out / 'pareto.png'),
+              title=f'{suite}: R={cfg.num_loops} {cfg.loop_mode}, {tag}')
+  table.update(out_dir=os.fspath(out), table_md=md)
+  return table
