@@ -30,6 +30,7 @@ from .common import KernelConfig, pad_seq
 
 
 def _backend_module(name: str):
+  # Each backend loads its own Pallas lowering (Triton or Mosaic): only the one in use is imported.
   if name == 'triton':
     from . import gswa_triton  # pylint: disable=import-outside-toplevel
     return gswa_triton

@@ -3,6 +3,8 @@
 `plt_jax.presets` (the experiment configs) is imported on first use: it pulls in the data
 pipeline, which a model-only user does not need.
 """
+import importlib
+
 from plt_jax import _checkout
 
 _checkout.register_kernels()  # a bare checkout's kernels/ as plt_jax.kernels, before any use of it
@@ -16,6 +18,5 @@ __version__ = '0.1.0'
 
 def __getattr__(name):
   if name == 'presets':
-    import importlib  # pylint: disable=import-outside-toplevel
     return importlib.import_module('plt_jax.presets')
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

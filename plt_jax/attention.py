@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from plt_jax.kernels import masks
+from plt_jax.kernels import cpu_decode, cudnn, masks, ops
 
 Array = jax.Array
 
@@ -311,12 +311,10 @@ class Pallas(XLA):
                 shard=_shard_axes(sharding, q, k))
 
   def causal(self, q, k, v, segment_ids=None, *, window=None, sharding=None):
-    from plt_jax.kernels import ops  # pylint: disable=import-outside-toplevel
     return ops.causal(q, k, v, segment_ids, window=window, **self._kw(sharding, q, k))
 
   def gswa(self, q, k_glob, v_glob, k_loc, v_loc, gate, segment_ids=None, *, window,
            sharding=None):
-    from plt_jax.kernels import ops  # pylint: disable=import-outside-toplevel
     return ops.gswa(q, k_glob, v_glob, k_loc, v_loc, gate, segment_ids, window=window,
                     **self._kw(sharding, q, k_glob))
 
@@ -330,13 +328,11 @@ class CuDNN(XLA):
 
   def causal(self, q, k, v, segment_ids=None, *, window=None, sharding=None):
     del sharding
-    from plt_jax.kernels import cudnn  # pylint: disable=import-outside-toplevel
     return cudnn.causal(q, k, v, segment_ids, window=window)
 
   def gswa(self, q, k_glob, v_glob, k_loc, v_loc, gate, segment_ids=None, *, window,
            sharding=None):
     del sharding
-    from plt_jax.kernels import cudnn  # pylint: disable=import-outside-toplevel
     return cudnn.gswa(q, k_glob, v_glob, k_loc, v_loc, gate, segment_ids, window=window)
 
 
@@ -365,7 +361,6 @@ class CPU(XLA):
     self._kernel(jnp.zeros((), dtype))
 
   def _kernel(self, *arrays):
-    from plt_jax.kernels import cpu_decode  # pylint: disable=import-outside-toplevel
     dtypes = {x.dtype for x in arrays}
     if dtypes == {jnp.dtype(jnp.float32)} and cpu_decode.supported(jnp.float32):
       return cpu_decode

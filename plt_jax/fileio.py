@@ -15,12 +15,14 @@ emulator does not serve (the probe would retry for minutes). Real buckets keep g
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from typing import Any, Union
 
 from etils import epath
+import fsspec
 
 PathLike = Union[str, os.PathLike, epath.Path]
 
@@ -140,7 +142,6 @@ def read_json(p: PathLike) -> Any:
 
 def write_figure(p: PathLike, fig, **savefig_kwargs) -> str:
   """Saves a matplotlib Figure as `p` (its format from the suffix), atomically; returns `p`."""
-  import io  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   fmt = path(p).suffix.lstrip('.') or 'png'
   fig.savefig(buf, format=fmt, **savefig_kwargs)
@@ -163,7 +164,6 @@ def check_access(p: PathLike, what: str = 'path') -> None:
     return
   scheme = _scheme(s)
   label = f'{what}={s}'
-  import fsspec  # pylint: disable=g-import-not-at-top
   try:
     fs = fsspec.filesystem('gcs' if scheme == 'gs' else scheme)
   except ImportError as e:
@@ -196,7 +196,6 @@ def check_access(p: PathLike, what: str = 'path') -> None:
 def _check_gcs_credentials(label: str) -> None:
   """gcsfs falls back to anonymous access without credentials, and then every request fails (or
   retries for a minute without a network); say so up front instead."""
-  import fsspec  # pylint: disable=g-import-not-at-top
   if _EMULATOR not in ('', 'default') or os.environ.get('STORAGE_EMULATOR_HOST'):
     return  # an emulator takes any credentials
   if any(k in fsspec.config.conf.get(proto, {}) for proto in ('gs', 'gcs')

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from plt_jax import attention as attention_lib
 from plt_jax.config import ModelConfig
+from plt_jax.kernels import cpu_rows
 from plt_jax.sharding import ShardingConfig
 
 # 'stacked': one product per matrix over all rows (XLA's dot).
@@ -50,7 +51,6 @@ class Runtime:
   def dot(self, x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., D] @ w [D, F]."""
     if self.matmul == 'kernel':
-      from plt_jax.kernels import cpu_rows  # pylint: disable=import-outside-toplevel
       return cpu_rows.rows_matmul(x, w)
     if self.matmul == 'per_row' and x.ndim >= 3 and x.shape[-2] > 1:
       return jnp.concatenate([jnp.dot(x[..., r:r + 1, :], w) for r in range(x.shape[-2])],
@@ -83,13 +83,10 @@ def decode_matmul(row_matmul: str, rows: int, dtype: str = 'float32') -> str:
     raise ValueError(f'row_matmul={row_matmul!r}: must be one of {ROW_MATMULS}')
   on_cpu = jax.default_backend() == 'cpu'
   if row_matmul == 'auto':
-    if on_cpu and rows <= KERNEL_MAX_ROWS and dtype == 'float32':
-      from plt_jax.kernels import cpu_rows  # pylint: disable=import-outside-toplevel
-      if cpu_rows.available():
-        return 'kernel'
+    if on_cpu and rows <= KERNEL_MAX_ROWS and dtype == 'float32' and cpu_rows.available():
+      return 'kernel'
     return 'stacked'
   if row_matmul == 'kernel':
-    from plt_jax.kernels import cpu_rows  # pylint: disable=import-outside-toplevel
     if not on_cpu or dtype != 'float32' or not cpu_rows.available():
       raise ValueError(f"row_matmul='kernel' needs the CPU backend, float32 and a C++ compiler "
                        f'(backend {jax.default_backend()}, dtype {dtype}; see '

@@ -443,3 +443,36 @@ def test_resume_accepts_another_attention_impl_but_not_another_model(repeated_te
   cfg.model.ffn_dim = 64
   with pytest.raises(ValueError, match='different model.*ffn_dim'):
     train.train_and_evaluate(cfg, workdir)
+
+
+def test_hooks_run_in_order_at_their_cadence_and_a_reason_stops_the_loop():
+  calls = []
+
+  def steps(n):
+    for s in range(1, n + 1):
+      calls.append(('step', s))   # a step draws its batch only when it runs
+      yield train_loop.StepInfo(s, None, {})
+
+  def record(name):
+    return lambda info: calls.append((name, info.step))
+
+  hooks = [train_loop.Hook(record('every')),
+           train_loop.Hook(record('third'), every=3, last=7),
+           train_loop.Hook(record('off'), every=0, last=7)]
+  last, reason = train_loop.run_hooks(steps(7), hooks)
+  assert (last.step, reason) == (7, None)
+  assert [c for c in calls if c[0] == 'third'] == [('third', 3), ('third', 6), ('third', 7)]
+  assert [c for c in calls if c[0] == 'every'] == [('every', s) for s in range(1, 8)]
+  assert not [c for c in calls if c[0] == 'off']
+  assert calls[calls.index(('step', 6)):calls.index(('step', 7))] == [
+      ('step', 6), ('every', 6), ('third', 6)]
+
+  calls.clear()
+  stop = train_loop.Hook(lambda info: 'enough' if info.step == 4 else None, every=2)
+  last, reason = train_loop.run_hooks(
+      steps(9), [train_loop.Hook(record('before')), stop, train_loop.Hook(record('after'))])
+  assert (last.step, reason) == (4, 'enough')
+  # The hooks after the one that stopped do not run, and no further step draws a batch.
+  assert calls[-2:] == [('step', 4), ('before', 4)]
+  assert ('after', 3) in calls and ('step', 5) not in calls
+  assert train_loop.run_hooks(iter(()), hooks) == (None, None)

@@ -26,10 +26,13 @@ import tempfile
 import time
 from typing import Callable, Optional
 
+from absl import flags
 from absl import logging
+from array_record.python import array_record_module
 import grain
 import ml_collections
 import numpy as np
+import tokenizers
 
 from plt_jax import fileio
 from plt_jax import tokenizer as tokenizer_lib
@@ -96,13 +99,11 @@ class PrepareUnit:
 
   def _tokenizer(self) -> tokenizer_lib.Tokenizer:
     if self._tok is None:
-      import tokenizers  # pylint: disable=g-import-not-at-top
       self._tok = tokenizer_lib.Tokenizer(tokenizers.Tokenizer.from_str(self.tokenizer_json),
                                           **self.roles)
     return self._tok
 
   def __call__(self, job: dict) -> dict:
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
     t0, cpu0 = time.perf_counter(), time.process_time()
     cfg = ml_collections.ConfigDict(self.data_config)
     index, force = job['index'], job.get('force') or {}
@@ -176,7 +177,6 @@ def run_units(fn: Callable[[dict], dict], jobs: list[dict], workers: int):
   ds = grain.MapDataset.source(jobs).map(fn).to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
   if workers > 1:
-    from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults suffice)
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=min(workers, len(jobs)),

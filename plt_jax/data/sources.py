@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import sysconfig
 from typing import Any, Iterator, Optional
 
@@ -236,13 +237,19 @@ def plan_units(cfg, unit_bytes: int) -> tuple[list[dict], dict]:
   raise ValueError(f'unknown data.source {cfg.source!r}; expected one of {SOURCES}')
 
 
+def _pyarrow():
+  """pyarrow with its parquet module, imported on the first Parquet source: it takes a good part
+  of a second to import and only Parquet needs it."""
+  import pyarrow.parquet  # pylint: disable=g-import-not-at-top
+  return pyarrow
+
+
 def _parquet_row_groups(f: SourceFile, field: str) -> list[tuple[int, int]]:
   """(rows, uncompressed bytes of the text column) of each row group; checks the column."""
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  pa = _pyarrow()
   try:
     with fileio.path(f.path).open('rb') as fh:
-      pf = pq.ParquetFile(fh)
+      pf = pa.parquet.ParquetFile(fh)
       meta, schema = pf.metadata, pf.schema_arrow
   except (pa.ArrowException, OSError) as e:
     raise ValueError(f'{f.path}: not a readable Parquet file ({e})') from None
@@ -257,7 +264,7 @@ def _parquet_row_groups(f: SourceFile, field: str) -> list[tuple[int, int]]:
 
 
 def _check_parquet_column(path: str, schema, field: str) -> None:
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  pa = _pyarrow()
   if field not in schema.names:
     raise ValueError(f'{path}: no text field {field!r} (columns: {schema.names})')
   kind = schema.field(field).type
@@ -368,10 +375,9 @@ def _read_jsonl(unit: dict, field: str, counts: dict) -> Iterator[tuple[str, str
 
 
 def _read_parquet(unit: dict, field: str, counts: dict) -> Iterator[tuple[str, str]]:
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   path = unit['path']
   with fileio.path(path).open('rb') as fh:
-    pf = pq.ParquetFile(fh)
+    pf = _pyarrow().parquet.ParquetFile(fh)
     _check_parquet_column(path, pf.schema_arrow, field)
     counts['files_read'] += unit['row_groups'][0][0] == 0
     for rg, first in unit['row_groups']:
@@ -430,7 +436,6 @@ def source_spec(cfg) -> dict:
               max_chars=int(cfg.max_chars or 0), val_fraction=float(cfg.val_fraction),
               split_seed=int(cfg.split_seed))
   if cfg.source == 'stdlib':
-    import sys  # pylint: disable=g-import-not-at-top
     spec.update(stdlib_tests=bool(cfg.stdlib_tests), root=sysconfig.get_paths()['stdlib'],
                 python=sys.version)
   if cfg.source == 'hf':

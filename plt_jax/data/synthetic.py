@@ -11,6 +11,8 @@ from typing import Sequence
 from absl import logging
 import grain
 import numpy as np
+import tokenizers
+from tokenizers import models, pre_tokenizers
 
 from plt_jax import fileio
 from plt_jax import tokenizer as tokenizer_lib
@@ -62,8 +64,6 @@ class TaskTokenizer(tokenizer_lib.Tokenizer):
   """
 
   def __init__(self, vocab):
-    import tokenizers  # pylint: disable=g-import-not-at-top
-    from tokenizers import models, pre_tokenizers  # pylint: disable=g-import-not-at-top
     backend = tokenizers.Tokenizer(models.WordLevel(
         {t: i for i, t in enumerate(vocab.tokens)}, unk_token=tasks.PAD))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -8,7 +8,7 @@
   humaneval   problems, stop sequences, generate -> execute -> score, resumable JSONL
   perplexity  bits per byte and token perplexity on held-out text
 
-`python -m experiments.evaluate` is the command line. Nothing here imports JAX at import time.
+`python -m experiments.evaluate` is the command line.
 """
 from plt_jax.evaluation import humaneval, passk, perplexity, sandbox
 

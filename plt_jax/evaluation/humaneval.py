@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 from plt_jax import fileio
 from plt_jax.evaluation import passk
 from plt_jax.evaluation import sandbox
+from plt_jax.infer import generate as gen_lib
 
 STOP_SEQUENCES = ('\nclass', '\ndef', '\n#', '\nif', '\nprint')
 SAMPLES_FILE, SUMMARY_FILE, META_FILE = 'samples.jsonl', 'summary.json', 'meta.json'
@@ -115,8 +116,6 @@ def model_generate_fn(model, tokenizer, *, max_new_tokens: int = 384, temperatur
   longer than max_seq_len - max_new_tokens keeps its last tokens. Rows stop at EOS; the whole
   batch stops early once every row's text contains a stop sequence.
   """
-  from plt_jax.infer import generate as gen_lib  # pylint: disable=g-import-not-at-top
-
   cfg = model.cfg
   sampling = gen_lib.SamplingParams(temperature=float(temperature), top_k=int(top_k),
                                     top_p=float(top_p)).validate(cfg.vocab_size)
@@ -258,6 +257,67 @@ class _Chunk:
   futures: list          # per problem, per sample
 
 
+@dataclasses.dataclass
+class _Samples:
+  """The samples file and the records it holds; a finished chunk's records join them and the
+  whole file is written again."""
+  path: Any
+  records: dict
+  lines: list
+  limits: sandbox.Limits
+  bar: Any = None          # a tqdm progress bar, or None
+  isolation: dict = dataclasses.field(default_factory=dict)   # of the first result
+
+  def finish(self, chunk: _Chunk) -> None:
+    for prob, comps, futs in zip(chunk.problems, chunk.completions, chunk.futures):
+      results = [fut.result() for fut in futs]
+      if not self.isolation:
+        self.isolation.update(_public_isolation(results[0].isolation, self.limits))
+      rec = dict(task_id=prob['task_id'], completions=comps,
+                 results=[r.to_json() for r in results],
+                 passed=sum(r.passed for r in results), n=len(results))
+      self.lines.append(json.dumps(rec))
+      self.records[prob['task_id']] = rec
+      if self.bar is not None:
+        self.bar.update(1)
+        solved = sum(r['passed'] > 0 for r in self.records.values())
+        self.bar.set_postfix(solved=f'{solved}/{len(self.records)}')
+    # The whole file, atomically (an object store has no append): once per chunk.
+    fileio.write_text(self.path, ''.join(ln + '\n' for ln in self.lines))
+
+
+def _generate_and_execute(todo: list, generate_fn: GenerateFn, pool, out: _Samples, *,
+                          samples: int, per_chunk: int, stop: Sequence[str],
+                          sandbox_kwargs: dict) -> float:
+  """Generates chunk after chunk while the previous chunk's programs execute on `pool`;
+  returns the seconds spent generating."""
+  gen_seconds = 0.0
+  pending: Optional[_Chunk] = None
+  try:
+    for start in range(0, len(todo), per_chunk):
+      chunk = todo[start:start + per_chunk]
+      prompts = [p['prompt'] for p in chunk for _ in range(samples)]
+      tg = time.time()
+      raw = list(generate_fn(prompts))
+      gen_seconds += time.time() - tg
+      if len(raw) != len(prompts):
+        raise ValueError(f'generate_fn returned {len(raw)} continuations for '
+                         f'{len(prompts)} prompts')
+      comps = [[truncate(raw[i * samples + s], stop) for s in range(samples)]
+               for i in range(len(chunk))]
+      futs = [[pool.submit(_run_one, p, c, out.limits, sandbox_kwargs) for c in cs]
+              for p, cs in zip(chunk, comps)]
+      if pending is not None:
+        done, pending = pending, None
+        out.finish(done)
+      pending = _Chunk(chunk, comps, futs)
+  finally:
+    # Also when interrupted: the chunk already executing is saved, so a resume skips it.
+    if pending is not None:
+      out.finish(pending)
+  return gen_seconds
+
+
 def evaluate(problems: Sequence[dict], generate_fn: GenerateFn, *, out_dir: str,
              samples: int = 1, batch_size: int = 16, limits: sandbox.Limits = sandbox.Limits(),
              workers: int = 4, stop: Sequence[str] = STOP_SEQUENCES,
@@ -276,70 +336,28 @@ def evaluate(problems: Sequence[dict], generate_fn: GenerateFn, *, out_dir: str,
   out.mkdir(parents=True, exist_ok=True)
   meta = dict(meta or {}, samples=int(samples), stop=list(stop))
   _check_meta(out_dir, meta, overwrite)
-  samples_path = out / SAMPLES_FILE
-  records, lines = _read_records(samples_path)
+  records, lines = _read_records(out / SAMPLES_FILE)
   todo = [p for p in problems if p['task_id'] not in records]
-  per_chunk = max(1, batch_size // samples)
   t0 = time.time()
-  gen_seconds = 0.0
 
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm.tqdm(total=len(problems), initial=len(problems) - len(todo), unit='problem',
                     desc='humaneval', file=sys.stderr, dynamic_ncols=True)
-
+  done = _Samples(out / SAMPLES_FILE, records, lines, limits, bar)
   pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
   kw = dict(sandbox_kwargs or {})
-
-  isolation: dict = {}
-
-  def finish(chunk: _Chunk) -> None:
-    for prob, comps, futs in zip(chunk.problems, chunk.completions, chunk.futures):
-      results = [fut.result() for fut in futs]
-      if not isolation:
-        isolation.update(_public_isolation(results[0].isolation, limits))
-      rec = dict(task_id=prob['task_id'], completions=comps,
-                 results=[r.to_json() for r in results],
-                 passed=sum(r.passed for r in results), n=len(results))
-      lines.append(json.dumps(rec))
-      records[prob['task_id']] = rec
-      if bar is not None:
-        bar.update(1)
-        solved = sum(r['passed'] > 0 for r in records.values())
-        bar.set_postfix(solved=f'{solved}/{len(records)}')
-    # The whole file, atomically (an object store has no append): once per chunk.
-    fileio.write_text(samples_path, ''.join(ln + '\n' for ln in lines))
-
-  pending: Optional[_Chunk] = None
   try:
-    try:
-      for start in range(0, len(todo), per_chunk):
-        chunk = todo[start:start + per_chunk]
-        prompts = [p['prompt'] for p in chunk for _ in range(samples)]
-        tg = time.time()
-        raw = list(generate_fn(prompts))
-        gen_seconds += time.time() - tg
-        if len(raw) != len(prompts):
-          raise ValueError(f'generate_fn returned {len(raw)} continuations for '
-                           f'{len(prompts)} prompts')
-        comps = [[truncate(raw[i * samples + s], stop) for s in range(samples)]
-                 for i in range(len(chunk))]
-        futs = [[pool.submit(_run_one, p, c, limits, kw) for c in cs]
-                for p, cs in zip(chunk, comps)]
-        if pending is not None:
-          done, pending = pending, None
-          finish(done)
-        pending = _Chunk(chunk, comps, futs)
-    finally:
-      # Also when interrupted: the chunk already executing is saved, so a resume skips it.
-      if pending is not None:
-        finish(pending)
+    gen_seconds = _generate_and_execute(todo, generate_fn, pool, done, samples=samples,
+                                        per_chunk=max(1, batch_size // samples), stop=stop,
+                                        sandbox_kwargs=kw)
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
     if bar is not None:
       bar.close()
 
+  isolation = done.isolation
   if not isolation:  # nothing ran in this call (all resumed): probe once
     isolation = _public_isolation(sandbox.describe_isolation(limits, **kw), limits)
   problems_sha = hashlib.sha256(json.dumps(

@@ -26,8 +26,16 @@ import math
 import sys
 from typing import Callable, Iterable, Optional, Sequence
 
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from plt_jax import data as data_lib
+from plt_jax import fileio
+from plt_jax.data import packing, sources
+from plt_jax.runtime import Runtime
 from plt_jax.train import metrics as metrics_lib
 
 Batch = dict
@@ -71,11 +79,6 @@ def make_nll_fn(model, *, sharding=None) -> Callable[[Batch], np.ndarray]:
   `plt_jax.sharding.ShardingConfig` to run on a mesh (activation constraints and per-shard
   kernels); None: one device.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from plt_jax.runtime import Runtime  # pylint: disable=g-import-not-at-top
-
   graphdef, state = nnx.split(model)
   rt = Runtime.for_model(model.cfg, sharding=sharding)
 
@@ -126,8 +129,6 @@ def read_files(patterns: Sequence[str] | str) -> list[tuple[str, str]]:
   Text is decoded as UTF-8 (invalid bytes become U+FFFD, which the byte count then sees as
   3 bytes); a leading BOM is dropped.
   """
-  from plt_jax import fileio  # pylint: disable=g-import-not-at-top
-  from plt_jax.data import sources  # pylint: disable=g-import-not-at-top
   if isinstance(patterns, str):
     patterns = [p for p in patterns.split(',') if p]
   out = []
@@ -152,7 +153,6 @@ class Rows(list):
 
 def rows_from_texts(texts: Sequence[str], tokenizer, seq_len: int) -> Rows:
   """Packed rows (`plt_jax.data.packing`) of the texts, each text one document."""
-  from plt_jax.data import packing  # pylint: disable=g-import-not-at-top
   ids = tokenizer.encode_batch(list(texts))
   return Rows(packing.pack_documents(ids, seq_len, bos_id=tokenizer.bos_id,
                                      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
@@ -160,7 +160,6 @@ def rows_from_texts(texts: Sequence[str], tokenizer, seq_len: int) -> Rows:
 
 def batches_from_rows(rows, batch_size: int, *, pad_id: int = 0) -> list[Batch]:
   """All rows in order, batch_size at a time; the last batch is padded with empty rows."""
-  from plt_jax.data import packing  # pylint: disable=g-import-not-at-top
   if not rows:
     return []
   return packing.batches(rows, batch_size, seq_len=len(rows[0]['inputs']), pad_id=pad_id)
@@ -183,8 +182,6 @@ def workdir_validation(workdir: str, config, *, max_batches: Optional[int] = Non
   max_batches None: as many as the run evaluated (config.data.val_batches); 0: the whole split.
   batch_size None: the run's global batch size.
   """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from plt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   dcfg = ml_collections.ConfigDict(config.data.to_dict())
   if max_batches is not None:
     dcfg.val_batches = int(max_batches)

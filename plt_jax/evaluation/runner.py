@@ -11,7 +11,13 @@ import json
 import sys
 from typing import Any, Optional
 
+import ml_collections
+
 from plt_jax import fileio
+from plt_jax.evaluation import humaneval, perplexity, sandbox, synthetic
+from plt_jax.infer import loading
+from plt_jax.train import checkpoint as ckpt_lib
+from plt_jax.train import metrics as metrics_lib
 
 
 def _tag(info: dict) -> str:
@@ -27,7 +33,6 @@ def run_humaneval(model, tokenizer, info: dict, *, out_dir: str, samples: int = 
                   seed: int = 0, ks=(1, 10, 100), overwrite: bool = False,
                   progress: bool = True, allow_weaker_isolation: bool = False,
                   sandbox_kwargs: Optional[dict] = None) -> dict[str, Any]:
-  from plt_jax.evaluation import humaneval  # pylint: disable=g-import-not-at-top
   limits = check_sandbox(timeout=timeout, memory_mb=memory_mb, nproc=nproc,
                          allow_weaker_isolation=allow_weaker_isolation,
                          sandbox_kwargs=sandbox_kwargs)
@@ -57,7 +62,6 @@ def check_sandbox(*, timeout: float = 10.0, memory_mb: int = 1024, nproc: int = 
   """The HumanEval sandbox limits, once a probe program showed every isolation layer works.
 
   A missing layer is a ValueError naming it and the flag that accepts weaker isolation."""
-  from plt_jax.evaluation import sandbox  # pylint: disable=g-import-not-at-top
   limits = sandbox.Limits(timeout=float(timeout), memory_bytes=int(memory_mb) << 20,
                           nproc=int(nproc))
   sandbox.require_isolation(limits, allow_weaker=allow_weaker_isolation,
@@ -69,8 +73,6 @@ def run_perplexity(model, tokenizer, info: dict, *, out_path: str, config=None,
                    workdir: Optional[str] = None, files=(), seq_len: int = 0,
                    eval_batches: int = -1, batch_size: int = 0,
                    progress: bool = True) -> dict[str, Any]:
-  from plt_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from plt_jax.evaluation import perplexity  # pylint: disable=g-import-not-at-top
   out: dict[str, Any] = dict(suite='perplexity', model=info)
   if files:
     if not seq_len:
@@ -116,7 +118,6 @@ def run_perplexity(model, tokenizer, info: dict, *, out_path: str, config=None,
 def run_synthetic(model, info: dict, *, out_path: str, config=None, batch_size: int = 0,
                   limit: int = 0) -> dict[str, Any]:
   """Exact-match accuracy on the held-out set of a run trained with data.source='synthetic'."""
-  from plt_jax.evaluation import synthetic  # pylint: disable=g-import-not-at-top
   if config is None:
     raise ValueError('the synthetic suite needs --workdir (a run trained on a synthetic task)')
   out: dict[str, Any] = dict(suite='synthetic', model=info)
@@ -133,7 +134,6 @@ def _write_result(out: dict, out_path: str) -> dict:
 
 
 def _with_seq_len(config, seq_len: int):
-  import ml_collections  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(config.to_dict())
   c.train.seq_len = int(seq_len)
   return c
@@ -150,7 +150,6 @@ def run(suite: str, *, workdir: Optional[str] = None, hf_dir: Optional[str] = No
         if k in humaneval_kwargs})
   if not (hf_dir or workdir):
     raise ValueError('give --workdir (a training run) or --hf_dir (a Hugging Face checkpoint)')
-  from plt_jax.infer import loading  # pylint: disable=g-import-not-at-top
   # --hf_dir names the model when both are given; --workdir may still supply the val split.
   source, path = ('hf', hf_dir) if hf_dir else ('workdir', workdir)
   loaded = loading.load_model(path, source=source, step=step, dtype=dtype)
@@ -159,7 +158,6 @@ def run(suite: str, *, workdir: Optional[str] = None, hf_dir: Optional[str] = No
                      'tokenizer')
   model, tokenizer, config, info = loaded.model, loaded.tokenizer, loaded.config, loaded.info
   if config is None and workdir and not files:  # an HF model scored on a run's val split
-    from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     config = ckpt_lib.load_config(fileio.abspath(workdir))
   base = fileio.join(info['path'] if info['source'] == 'workdir' else (
       fileio.abspath(workdir) if workdir else info['path']), 'eval')
@@ -192,7 +190,6 @@ def run(suite: str, *, workdir: Optional[str] = None, hf_dir: Optional[str] = No
 
 def format_summary(s: dict) -> str:
   if s['suite'] == 'synthetic':
-    from plt_jax.evaluation import synthetic  # pylint: disable=g-import-not-at-top
     return synthetic.format_summary(s)
   if s['suite'] == 'humaneval':
     ks = ', '.join(f'{k} = {v:.4f}' for k, v in s.items() if k.startswith('pass@'))

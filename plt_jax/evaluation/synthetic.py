@@ -13,7 +13,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from plt_jax import data as data_lib
 from plt_jax.data import tasks
+from plt_jax.infer.generate import Generator, SamplingParams
 
 
 def predict(generator, prompts: Sequence[np.ndarray], answer_lens: Sequence[int], *,
@@ -23,7 +25,6 @@ def predict(generator, prompts: Sequence[np.ndarray], answer_lens: Sequence[int]
   generator: a `plt_jax.infer.generate.Generator` (anything with its `generate`). Each batch decodes
   for the longest answer in it plus one token, the room for the closing EOS.
   """
-  from plt_jax.infer.generate import SamplingParams  # pylint: disable=g-import-not-at-top
   out: list[list[int]] = []
   for start in range(0, len(prompts), batch_size):
     chunk = [np.asarray(p, np.int32) for p in prompts[start:start + batch_size]]
@@ -44,7 +45,6 @@ def accuracy(model, instances: Sequence[tasks.Instance], *, batch_size: int = 64
   if not instances:
     raise ValueError('no held-out instances to score')
   if generator is None:
-    from plt_jax.infer.generate import Generator  # pylint: disable=g-import-not-at-top
     generator = Generator(model)
   prompts = [p for p, _ in instances]
   answers = [a for _, a in instances]
@@ -64,7 +64,6 @@ def evaluate_run(model, data_cfg, *, batch_size: int = 64, limit: int = 0,
 
   limit: score only the first `limit` held-out instances (0: all of them).
   """
-  from plt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   if data_cfg.source != 'synthetic':
     raise ValueError(f'data.source={data_cfg.source!r}: the synthetic suite needs a run '
                      "trained with data.source='synthetic'")

@@ -13,7 +13,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from flax import nnx
+
 from plt_jax import fileio
+from plt_jax import tokenizer as tok_lib
+from plt_jax.config import PRESETS, ModelConfig
+from plt_jax.hf import importer, load_hf_checkpoint
+from plt_jax.model import PLT, param_count
+from plt_jax.train import checkpoint as ckpt_lib
 
 SOURCES = ('workdir', 'hf')
 
@@ -32,7 +39,6 @@ class LoadedModel:
 def complete_steps(workdir: str) -> list[int]:
   """Finished checkpoint steps, as Orbax decides: locally an unfinished step still has its
   temporary name, in object storage it lacks its commit marker."""
-  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   d = fileio.join(workdir, ckpt_lib.CHECKPOINT_DIR)
   if not fileio.isdir(d):
     return []
@@ -45,8 +51,6 @@ def complete_steps(workdir: str) -> list[int]:
 
 def detect_source(path: str) -> str:
   """'workdir' or 'hf' for the directory at `path`; a one-line error naming it otherwise."""
-  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from plt_jax.hf import importer  # pylint: disable=g-import-not-at-top
   if not fileio.isdir(path):
     raise FileNotFoundError(f'{path!r} is not a directory (expected a training work dir or a '
                             'Hugging Face export)')
@@ -70,17 +74,14 @@ def load_model(path: str, *, source: Optional[str] = None, step: Optional[int] =
   tokenizer_path: a tokenizer.json or its folder, replacing the one that comes with the model.
   mesh: parameters are sharded on it (None: the first device).
   """
-  from plt_jax.model import param_count  # pylint: disable=g-import-not-at-top
   path = fileio.abspath(path)
   fileio.check_access(path, 'model path')
   source = source or detect_source(path)
   config = None
   if source == 'hf':
-    from plt_jax.hf import load_hf_checkpoint  # pylint: disable=g-import-not-at-top
     model, tokenizer = load_hf_checkpoint(path, mesh=mesh, dtype=dtype or 'float32')
     step = None
   elif source == 'workdir':
-    from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     if step is None:  # resolved here: `info` records which step was loaded
       steps = complete_steps(path)
       if not steps:
@@ -93,8 +94,7 @@ def load_model(path: str, *, source: Optional[str] = None, step: Optional[int] =
   else:
     raise ValueError(f'source={source!r}: must be one of {SOURCES} or None')
   if tokenizer_path is not None:
-    from plt_jax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-    tokenizer = Tokenizer.from_pretrained(tokenizer_path)
+    tokenizer = tok_lib.Tokenizer.from_pretrained(tokenizer_path)
   c = model.cfg
   info = dict(source=source, path=path, step=step, params=int(param_count(model)),
               num_loops=c.num_loops, loop_mode=c.loop_mode, dtype=c.dtype,
@@ -104,8 +104,6 @@ def load_model(path: str, *, source: Optional[str] = None, step: Optional[int] =
 
 def with_dtype(model, dtype: str):
   """The same weights in a model whose compute dtype is `dtype`."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from plt_jax.model import PLT  # pylint: disable=g-import-not-at-top
   cfg = model.cfg.replace(dtype=dtype)
   target = nnx.eval_shape(lambda: PLT(cfg, nnx.Rngs(0)))
   graphdef, _ = nnx.split(target)
@@ -116,10 +114,6 @@ def with_dtype(model, dtype: str):
 def random_model(preset: str, seed: int = 0):
   """(model, tokenizer): random weights of a `plt_jax.config.PRESETS` entry and the byte
   tokenizer, which exercise the whole inference path without a checkpoint."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from plt_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  from plt_jax.config import PRESETS, ModelConfig  # pylint: disable=g-import-not-at-top
-  from plt_jax.model import PLT  # pylint: disable=g-import-not-at-top
   if preset not in PRESETS:
     raise ValueError(f'--random_init: unknown preset {preset!r}; choose from {sorted(PRESETS)}')
   tokenizer = tok_lib.Tokenizer(tok_lib.make_byte_tokenizer(), bos_token=tok_lib.BOS,

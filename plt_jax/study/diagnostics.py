@@ -31,7 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from plt_jax import data as data_lib
 from plt_jax import fileio
+from plt_jax.runtime import Runtime
+from plt_jax.train import checkpoint as ckpt_lib
 from plt_jax.train import metrics as metrics_lib
 
 Array = jax.Array
@@ -144,16 +147,7 @@ def loop_diagnostics(model, batch: dict[str, Array], rt=None) -> dict[str, Array
   out['count_rows'] = rows
 
   # Fixed-point gap: for r < R, F(h_r) = h_{r+1}; the last loop gets one extra loop.
-  global_kv = None
-  if cfg.plt_uses_gswa:
-    global_kv = [(lo.k, lo.v) for lo in loops[0].layers]
-  if R == 1:  # an extra loop of a 1-loop PLT model has no gate; use the plain causal pass
-    x_extra = model.loop_input(e, states[-1], positions) if cfg.loop_mode == 'plt' else states[-1]
-    extra = model.run_loop(x_extra, positions, seg, None, rt=rt).hidden
-  else:
-    extra = model.run_loop(model.loop_input(e, states[-1], positions), positions, seg,
-                           global_kv, rt=rt).hidden
-  nxt = states[2:] + [extra]
+  nxt = states[2:] + [_extra_loop(model, e, states[-1], loops, positions, seg, rt)]
   out['fixed_point_gap'] = jnp.stack([
       msum(jnp.linalg.norm((states[r] - nxt[r - 1]).astype(jnp.float32), axis=-1))
       for r in range(1, R + 1)])
@@ -168,42 +162,59 @@ def loop_diagnostics(model, batch: dict[str, Array], rt=None) -> dict[str, Array
   out['offset_cost'] = jnp.stack(oc)
   out['count_offset'] = jnp.sum(((positions > 0) & valid).astype(jnp.float32))
 
-  # Attention: entropy and inter-loop KL, mean over layers and heads, summed over valid queries.
+  out.update(_attention_and_gates(model, loops, vf))
+  out.update(_logit_lens(model, states[1:], targets, lmask.astype(jnp.float32), rt))
+  return out
+
+
+def _extra_loop(model, e: Array, h_last: Array, loops, positions: Array, seg, rt) -> Array:
+  """One loop more after the last (on the first loop's global keys/values for G-SWA)."""
+  cfg = model.cfg
+  if cfg.num_loops == 1:  # an extra loop of a 1-loop PLT model has no gate: the causal pass
+    x_extra = model.loop_input(e, h_last, positions) if cfg.loop_mode == 'plt' else h_last
+    return model.run_loop(x_extra, positions, seg, None, rt=rt).hidden
+  global_kv = [(lo.k, lo.v) for lo in loops[0].layers] if cfg.plt_uses_gswa else None
+  return model.run_loop(model.loop_input(e, h_last, positions), positions, seg, global_kv,
+                        rt=rt).hidden
+
+
+def _attention_and_gates(model, loops, vf: Array) -> dict[str, Array]:
+  """Attention entropy and inter-loop KL (mean over layers and heads, summed over valid
+  queries) per loop; the gates [R, L], NaN for loop 1 (and for models without gates)."""
+  R, nan = model.cfg.num_loops, jnp.float32(jnp.nan)
   probs = [[_mixed_probs(lo) for lo in loop.layers] for loop in loops]  # [R][L] of [B,H,S,T]
   qmask = vf[:, None, :]
-  n_lh = len(model.layers) * cfg.num_heads
+  n_lh = len(model.layers) * model.cfg.num_heads
+  out = {}
   out['attn_entropy'] = jnp.stack([
       sum(jnp.sum(entropy(p) * qmask) for p in probs[r]) / n_lh for r in range(R)])
   out['attn_kl'] = jnp.stack([nan] + [
       sum(jnp.sum(kl_divergence(probs[r][j], probs[r - 1][j]) * qmask)
           for j in range(len(model.layers))) / n_lh for r in range(1, R)])
+  out['gate'] = jnp.stack([
+      jnp.stack([nan if lo.gate is None else jnp.sum(jnp.mean(lo.gate, axis=-1) * vf)
+                 for lo in loop.layers])
+      for loop in loops])
+  return out
 
-  # Gates [R, L]: NaN for loop 1 (and for models without gates).
-  gates = []
-  for r, loop in enumerate(loops):
-    row = []
-    for lo in loop.layers:
-      if lo.gate is None:
-        row.append(nan)
-      else:
-        row.append(jnp.sum(jnp.mean(lo.gate, axis=-1) * vf))
-    gates.append(jnp.stack(row))
-  out['gate'] = jnp.stack(gates)
 
-  # Logit lens.
-  lm = lmask.astype(jnp.float32)
-  lens_logits = [model.head(h, rt) for h in states[1:]]
+def _logit_lens(model, hidden: list[Array], targets: Array, lm: Array, rt) -> dict[str, Array]:
+  """Each loop's hidden state read through the output head: entropy, KL to the loop before,
+  the true token's rank, top-1 hits and NLL, summed over the loss-masked tokens `lm`."""
+  nan = jnp.float32(jnp.nan)
+  lens_logits = [model.head(h, rt) for h in hidden]
   logps = [jax.nn.log_softmax(lg, axis=-1) for lg in lens_logits]
   ps = [jnp.exp(lp) for lp in logps]
-  out['lens_entropy'] = jnp.stack([jnp.sum(entropy(p) * lm) for p in ps])
-  out['lens_kl'] = jnp.stack([nan] + [jnp.sum(kl_divergence(ps[r], ps[r - 1]) * lm)
-                                       for r in range(1, R)])
   ranks = [true_token_rank(lp, targets) for lp in logps]
-  out['lens_rank'] = jnp.stack([jnp.sum(rk.astype(jnp.float32) * lm) for rk in ranks])
-  out['lens_top1'] = jnp.stack([jnp.sum((rk == 0).astype(jnp.float32) * lm) for rk in ranks])
-  out['lens_nll'] = jnp.stack([jnp.sum(metrics_lib.next_token_nll(lg, targets, lm))
-                               for lg in lens_logits])
-  return out
+  return {
+      'lens_entropy': jnp.stack([jnp.sum(entropy(p) * lm) for p in ps]),
+      'lens_kl': jnp.stack([nan] + [jnp.sum(kl_divergence(ps[r], ps[r - 1]) * lm)
+                                    for r in range(1, len(ps))]),
+      'lens_rank': jnp.stack([jnp.sum(rk.astype(jnp.float32) * lm) for rk in ranks]),
+      'lens_top1': jnp.stack([jnp.sum((rk == 0).astype(jnp.float32) * lm) for rk in ranks]),
+      'lens_nll': jnp.stack([jnp.sum(metrics_lib.next_token_nll(lg, targets, lm))
+                             for lg in lens_logits]),
+  }
 
 
 _DENOM = {
@@ -222,7 +233,6 @@ def _jitted(graphdef, rt):
 
 def accumulate(model, batches: Iterable[dict], *, sharding=None) -> dict[str, np.ndarray]:
   """sharding: a `plt_jax.sharding.ShardingConfig` to run on a mesh (None: one device)."""
-  from plt_jax.runtime import Runtime  # pylint: disable=import-outside-toplevel
   graphdef, state = nnx.split(model)
   fn = _jitted(graphdef, Runtime.for_model(model.cfg, sharding=sharding))
   total = None
@@ -324,9 +334,6 @@ def diagnose_workdir(workdir: str, *, step: Optional[int] = None, max_batches: i
   The validation batches are those the run evaluates on (same tokenizer, packing and split).
   Returns (results, written paths). Default out_dir: <workdir>/diagnostics.
   """
-  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from plt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-
   model, config, _ = ckpt_lib.load_for_inference(workdir, step=step)
   bsz = batch_size or min(int(config.train.batch_size), 8)
   bundle = data_lib.build_data(config.data, seq_len=int(config.train.seq_len), batch_size=bsz,

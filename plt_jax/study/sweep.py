@@ -31,10 +31,19 @@ import re
 import time
 from typing import Any, Optional
 
+import jax
 import ml_collections
 import numpy as np
 
 from plt_jax import fileio
+from plt_jax import train
+from plt_jax.config import ModelConfig
+from plt_jax.evaluation import synthetic
+from plt_jax.infer import decode
+from plt_jax.study import diagnostics
+from plt_jax.train import checkpoint as ckpt_lib
+from plt_jax.train import flops as flops_lib
+from plt_jax.train.metrics import read_jsonl
 
 RESULT_FILE = 'sweep_result.json'
 BUDGETS = ('steps', 'flops')
@@ -101,7 +110,6 @@ def variant_config(config: ml_collections.ConfigDict, num_loops: int, loop_mode:
 def variant_model_config(config: ml_collections.ConfigDict, num_loops: int, loop_mode: str,
                          vocab_size: Optional[int] = None):
   """The variant's ModelConfig (vocabulary as given, else as configured)."""
-  from plt_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
   cfg = variant_config(config, num_loops, loop_mode, root='')
   if vocab_size is not None:
     cfg.model.vocab_size = int(vocab_size)
@@ -111,7 +119,6 @@ def variant_model_config(config: ml_collections.ConfigDict, num_loops: int, loop
 def budget_steps(config: ml_collections.ConfigDict, variants: list[tuple[str, int, str]],
                  vocab_size: Optional[int] = None) -> dict[str, int]:
   """Training steps per variant under `sweep.budget`."""
-  from plt_jax.train import flops as flops_lib  # pylint: disable=import-outside-toplevel
   steps = int(config.train.steps)
   if sweep_budget(config) == 'steps':
     return {n: steps for n, _, _ in variants}
@@ -125,9 +132,6 @@ def budget_steps(config: ml_collections.ConfigDict, variants: list[tuple[str, in
 
 def decode_latency(model, *, batch: int, prompt_len: int, steps: int, warmup: int = 5) -> dict:
   """Median per-token decode latency (s) with PLT's (or vanilla's) cached step, same as the bench."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from plt_jax.infer import decode  # pylint: disable=import-outside-toplevel
-
   rng = np.random.default_rng(0)
   max_len = prompt_len + warmup + steps + 1
   decoder = decode.Decoder(model, max_len=max_len)
@@ -153,12 +157,6 @@ def run_dir(root: str, name: str, seed: int, per_seed: bool) -> str:
 def run_variant(config, name, num_loops, loop_mode, root, *, seed: Optional[int] = None,
                 steps: Optional[int] = None, per_seed: bool = False, log=print) -> dict[str, Any]:
   """Trains (or resumes, or skips when finished) one (variant, seed) run and returns its result."""
-  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from plt_jax.study import diagnostics  # pylint: disable=import-outside-toplevel
-  from plt_jax.train import flops as flops_lib  # pylint: disable=import-outside-toplevel
-  from plt_jax import train  # pylint: disable=import-outside-toplevel
-  from plt_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
-
   seed = int(config.seed) if seed is None else int(seed)
   workdir = run_dir(root, name, seed, per_seed)
   done = fileio.join(workdir, RESULT_FILE)
@@ -179,7 +177,6 @@ def run_variant(config, name, num_loops, loop_mode, root, *, seed: Optional[int]
   lat = decode_latency(model, batch=1, prompt_len=sw.decode_prompt_len, steps=sw.decode_steps)
   exact_match = None
   if saved_cfg.data.source == 'synthetic':
-    from plt_jax.evaluation import synthetic  # pylint: disable=import-outside-toplevel
     exact_match = synthetic.evaluate_run(model, saved_cfg.data)['accuracy']
     log(f'[sweep] {name} seed {seed}: exact match {exact_match:.4f} on the held-out set')
   t = saved_cfg.train
@@ -310,7 +307,6 @@ def depth_check(summary: list[dict], heldout: int = 0) -> str:
 
 def _mean_curve(paths: list[str], split: str):
   """(steps, mean, std) of the loss at the steps every seed logged; std is 0 for one seed."""
-  from plt_jax.train.metrics import read_jsonl  # pylint: disable=import-outside-toplevel
   per_step: dict[int, list[float]] = {}
   for p in paths:
     for x in read_jsonl(p):

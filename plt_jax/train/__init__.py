@@ -1,7 +1,8 @@
 """Training: the run, its loop and step, multi-process set-up, optimizer, checkpoints, metrics.
 
   run.py          train_and_evaluate(config, workdir): checks, data, state, restore, the loop
-  loop.py         the loop's steps, stop signals, throughput, checkpoint cadence, reports, evals
+  loop.py         the steps (a generator of StepInfo) and the hooks after each, with their own
+                  cadence: reports, stop signals, evaluation, checkpoints; throughput
   step.py         the train state and its mesh/shardings (Program), the jitted train/eval steps
   distributed.py  jax.distributed set-up and the peer watchdog (a dead host ends the run)
   optimizer.py, checkpoint.py, metrics.py, flops.py

@@ -23,12 +23,17 @@ import logging
 import re
 from typing import Any, Optional
 
+from flax import nnx
+import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from plt_jax import fileio
+from plt_jax import sharding as sharding_lib
+from plt_jax.config import ModelConfig
+from plt_jax.model import PLT
+from plt_jax.tokenizer import Tokenizer
 
 CHECKPOINT_DIR = 'checkpoints'
 CONFIG_FILE = 'config.json'
@@ -147,7 +152,6 @@ class Checkpointer:
         meta=ocp.args.JsonSave({'step': int(step), **meta}),
     )
     if data_state is not None:
-      import grain  # pylint: disable=g-import-not-at-top
       items['data'] = grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state))
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
@@ -161,7 +165,6 @@ class Checkpointer:
     if opt_target is not None:
       items['opt_state'] = ocp.args.StandardRestore(opt_target)
     if data_iter is not None:
-      import grain  # pylint: disable=g-import-not-at-top
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
     if meta:
       items['meta'] = ocp.args.JsonRestore()
@@ -233,11 +236,6 @@ def load_for_inference(workdir: str, step: Optional[int] = None, mesh=None):
   step: a checkpoint step (default: the latest complete one). mesh: parameters are sharded on
   it by `plt_jax.sharding` rules; None puts them on the first device.
   """
-  from plt_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from plt_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from plt_jax.model import PLT  # pylint: disable=g-import-not-at-top
-  from plt_jax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-
   workdir = fileio.abspath(workdir)
   fileio.check_access(workdir, 'workdir')
   config = load_config(workdir)

@@ -9,6 +9,7 @@ from typing import Callable, ClassVar, Optional
 
 from absl import logging
 import jax
+from jax._src import distributed as jax_distributed  # its client: no public API
 
 
 _CLUSTER_ENV = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'PMI_SIZE')
@@ -68,8 +69,7 @@ def initialize_distributed(mode: str = 'auto', *, coordinator_address: Optional[
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   if peer_timeout_s > 0 and jax.process_count() > 1:
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-    PeerWatchdog.start_global(distributed.global_state.client, jax.process_index(),
+    PeerWatchdog.start_global(jax_distributed.global_state.client, jax.process_index(),
                               jax.process_count(), timeout_s=peer_timeout_s,
                               on_lost=on_peer_lost or _exit_on_lost_peer)
   return True

@@ -6,9 +6,10 @@ import math
 import signal
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -19,15 +20,61 @@ from plt_jax.train import metrics as metrics_lib
 from plt_jax.train.step import Batch, NonFiniteLossError, device_batch, evaluate
 
 # ------------------------------------------------------------------------------- the loop
+#
+# `train_steps` yields each step's `StepInfo`; `run_hooks` runs, after each step, the hooks that
+# are due (reporting, stop signals, evaluation, checkpoints), each with its own cadence.
 
-@dataclasses.dataclass
-class _Pending:
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+  """One training step's outcome: its number (the steps done so far), the new state and its
+  metrics, still on the device (reading them would wait for the step)."""
   step: int
+  state: nnx.State
   metrics: dict
 
 
-class _StopSignal:
-  """SIGTERM/SIGINT set a flag the loop checks after each step (a second SIGINT aborts)."""
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """`fn(info)` after every `every`-th step (never for `every` 0) and after step `last`. A hook
+  returns None to go on, or a reason (a string) to stop the loop at once."""
+  fn: Callable[[StepInfo], Optional[str]]
+  every: int = 1
+  last: Optional[int] = None
+
+  def due(self, step: int) -> bool:
+    return self.every > 0 and (step % self.every == 0 or step == self.last)
+
+
+def train_steps(state: nnx.State, step: int, *, end_step: int, train_step, train_iter,
+                batch_sharding) -> Iterator[StepInfo]:
+  """Runs the steps after `step` up to `end_step`, yielding each one's info. A batch is drawn
+  only when its step runs, so a loop stopped after step s has consumed exactly s batches."""
+  while step < end_step:
+    state, metrics = train_step(state, device_batch(next(train_iter), batch_sharding))
+    step += 1
+    yield StepInfo(step, state, metrics)
+
+
+def run_hooks(steps: Iterable[StepInfo], hooks: Sequence[Hook]):
+  """Runs the due hooks, in order, after each step, until one gives a reason to stop.
+
+  Returns (the last step's info, None without steps; the reason, None when the steps ran out).
+  """
+  info = None
+  for info in steps:
+    for hook in hooks:
+      if hook.due(info.step):
+        reason = hook.fn(info)
+        if reason:
+          return info, reason
+  return info, None
+
+
+class StopSignal:
+  """SIGTERM/SIGINT set a flag the loop checks after each step (a second SIGINT aborts). With
+  several processes all of them agree on it every `MULTI_PROCESS_EVERY` steps, so that they stop,
+  and save, at the same step."""
+  MULTI_PROCESS_EVERY = 10
 
   def __init__(self):
     self.received: Optional[str] = None
@@ -48,17 +95,17 @@ class _StopSignal:
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
+  @property
+  def every(self) -> int:
+    return 1 if jax.process_count() == 1 else self.MULTI_PROCESS_EVERY
 
-def _stop_requested(signals: _StopSignal, step: int, every: int = 10) -> bool:
-  """Single process: the local flag. Several: all processes agree (every `every` steps), so
-  they stop, and save, at the same step."""
-  if jax.process_count() == 1:
-    return signals.received is not None
-  if step % every:
-    return False
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  flags = multihost_utils.process_allgather(np.int32(signals.received is not None))
-  return bool(np.any(flags))
+  def on_step(self, info: StepInfo) -> Optional[str]:
+    """The hook: why to stop (the signal's name), or None."""
+    del info
+    if jax.process_count() == 1:
+      return self.received
+    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+    return (self.received or 'signal on another process') if np.any(flags) else None
 
 
 @dataclasses.dataclass
@@ -100,17 +147,12 @@ class Throughput:
 
 @dataclasses.dataclass
 class Checkpoints:
-  """The checkpoint policy: every `every` steps and at the last step, at most once per step.
+  """Saves the state with the data iterator's position and the config, at most once per step.
   `last_saved` is the step a stopped run resumes from (the restored one before any save)."""
   ckpt: ckpt_lib.Checkpointer
-  every: int
-  end_step: int
   last_saved: Optional[int]
   data_iter: Any
   config: ml_collections.ConfigDict
-
-  def due(self, step: int) -> bool:
-    return step % self.every == 0 or step == self.end_step
 
   def save(self, step: int, state: nnx.State) -> None:
     if self.last_saved == step:
@@ -128,6 +170,12 @@ class Checkpoints:
 
 
 @dataclasses.dataclass
+class _Pending:
+  step: int
+  metrics: dict
+
+
+@dataclasses.dataclass
 class StepReporter:
   """Each step's metrics, read on the host one step late (the next step already runs): stops
   on a non-finite loss, adds throughput, writes the metrics files and the progress bar."""
@@ -137,6 +185,16 @@ class StepReporter:
   checkpoints: Checkpoints
   pending: Optional[_Pending] = None
   last: dict = dataclasses.field(default_factory=dict)  # the last train metrics, with their step
+
+  def on_step(self, info: StepInfo) -> None:
+    """The hook: reports the previous step, read while this one runs."""
+    self.push(info.step, info.metrics)
+
+  def settle(self) -> None:
+    """Reports the step held and restarts the throughput clock: before work that is not
+    training (evaluation, a checkpoint), which the next step's time must not include."""
+    self.drain()
+    self.throughput.pause()
 
   def push(self, step: int, metrics: dict) -> None:
     """Reports the step held so far and holds `step`'s (still on the device) instead."""
@@ -176,14 +234,9 @@ class Evaluator:
   eval_step: Callable
   val_batches: list[Batch]
   stats: dict
-  every: int
-  end_step: int
   writer: metrics_lib.MetricsWriter
   title: str
   is_main: bool
-
-  def due(self, step: int) -> bool:
-    return self.every > 0 and (step % self.every == 0 or step == self.end_step)
 
   def __call__(self, state: nnx.State, step: int) -> dict:
     t0 = time.time()
@@ -199,34 +252,43 @@ class Evaluator:
 
 
 def run_steps(state: nnx.State, step: int, *, end_step: int, train_step, train_iter,
-                 batch_sharding, reporter: StepReporter, evaluator: Evaluator,
-                 checkpoints: Checkpoints):
+              batch_sharding, reporter: StepReporter, evaluator: Evaluator, eval_every: int,
+              checkpoints: Checkpoints, checkpoint_every: int, extra_hooks: Sequence[Hook] = ()):
   """Trains from `step` to `end_step`, or until SIGTERM/SIGINT (then saves a checkpoint).
 
+  After each step the hooks run in this order: the report of the step before (every step), the
+  stop signals, evaluation (every `eval_every` steps, 0: never) and a checkpoint (every
+  `checkpoint_every` steps), both also at `end_step`; then `extra_hooks`.
   Returns (state, step, what stopped it or None, the last evaluation or None).
   """
-  stop, last_val = None, None
-  with _StopSignal() as signals:
-    while step < end_step:
-      host_batch = next(train_iter)
-      state, metrics = train_step(state, device_batch(host_batch, batch_sharding))
-      step += 1
-      reporter.push(step, metrics)  # step - 1's metrics, read while step runs
-      if _stop_requested(signals, step):
-        stop = signals.received or 'signal on another process'
-        break
-      if evaluator.due(step):
-        reporter.drain()
-        reporter.throughput.pause()  # evaluation time is not training throughput
-        last_val = evaluator(state, step)
-        reporter.progress.write(
-            f'step {step}: val loss {last_val["loss"]:.4f} (ppl {last_val["perplexity"]:.2f}), '
-            f'train loss {reporter.last.get("loss", float("nan")):.4f}')
-      if checkpoints.due(step):
-        reporter.drain()  # only checkpoints whose every step had a finite loss
-        checkpoints.save(step, state)
-        reporter.writer.flush()  # the metrics files hold every step a checkpoint holds
-        reporter.throughput.pause()
+  last_val = None
+
+  def evaluate(info: StepInfo) -> None:
+    nonlocal last_val
+    reporter.settle()  # evaluation time is not training throughput
+    last_val = evaluator(info.state, info.step)
+    reporter.progress.write(
+        f'step {info.step}: val loss {last_val["loss"]:.4f} '
+        f'(ppl {last_val["perplexity"]:.2f}), '
+        f'train loss {reporter.last.get("loss", float("nan")):.4f}')
+
+  def checkpoint(info: StepInfo) -> None:
+    reporter.drain()  # only checkpoints whose every step had a finite loss
+    checkpoints.save(info.step, info.state)
+    reporter.writer.flush()  # the metrics files hold every step a checkpoint holds
+    reporter.throughput.pause()
+
+  with StopSignal() as signals:
+    hooks = [Hook(reporter.on_step),
+             Hook(signals.on_step, every=signals.every),
+             Hook(evaluate, every=eval_every, last=end_step),
+             Hook(checkpoint, every=checkpoint_every, last=end_step),
+             *extra_hooks]
+    last, stop = run_hooks(train_steps(state, step, end_step=end_step, train_step=train_step,
+                                       train_iter=train_iter, batch_sharding=batch_sharding),
+                           hooks)
+    if last is not None:
+      state, step = last.state, last.step
     reporter.drain()
     if stop:
       checkpoints.save(step, state)

@@ -18,6 +18,8 @@ import tempfile
 import time
 from typing import Any, Optional, Union
 
+import jax.numpy as jnp
+import optax
 import tqdm
 
 from plt_jax import fileio
@@ -33,9 +35,6 @@ def next_token_nll(logits, targets, weights=None):
 
   The one definition shared by the training loss, held-out perplexity and the logit lens.
   """
-  # Imported here, so that reading run outputs (sweep reports, perplexity scoring) needs no JAX.
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   return nll if weights is None else nll * weights
 

@@ -13,8 +13,10 @@ from typing import Any, Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 
+from plt_jax import data as data_lib
 from plt_jax import fileio
 from plt_jax import sharding as sharding_lib
 from plt_jax.config import ModelConfig
@@ -74,19 +76,16 @@ def _config_diff(old: dict, new: dict, prefix: str = '') -> list[str]:
   return out
 
 
-
 def _build_data(config: ml_collections.ConfigDict, workdir: str):
   """The data bundle; its tokenizer lands in workdir/tokenizer. With several processes, process 0
   prepares the source into shards (and makes the tokenizer) when they are not there yet, and the
   others then read them."""
-  from plt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   t = config.train
   build = lambda: data_lib.build_data(  # pylint: disable=g-long-lambda
       config.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed,
       workdir=workdir, process_index=jax.process_index(), process_count=jax.process_count())
   if jax.process_count() == 1:
     return build()
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   is_main = jax.process_index() == 0
   data = build() if is_main else None
   multihost_utils.sync_global_devices('plt_jax: data ready')
@@ -151,6 +150,52 @@ def _val_record(records: list[dict], step: int, *, last: bool = False) -> Option
   return records[-1] if last else records[0]
 
 
+def _checked_mesh(config: ml_collections.ConfigDict):
+  """The device mesh, once the config passed every check (before any work)."""
+  ModelConfig.from_dict(config.model)
+  mesh = build_mesh(config.mesh)
+  validate_config(config, mesh, jax.process_count())
+  opt_lib.validate(config.optimizer, config.train.steps)
+  return mesh
+
+
+def _peak_flops(t: ml_collections.ConfigDict) -> Optional[float]:
+  """Peak FLOP/s per device: train.peak_tflops_per_device where set, else the datasheet's."""
+  if t.peak_tflops_per_device > 0:
+    return t.peak_tflops_per_device * 1e12
+  return flops_lib.peak_flops_per_device()
+
+
+def _describe(say, model_cfg: ModelConfig, config, mesh, n_params: int, fpt: dict,
+              stats: dict) -> None:
+  """The run's model, mesh and data, in three lines."""
+  t = config.train
+  say(f'model: {n_params / 1e6:.2f}M params, R={model_cfg.num_loops} ({model_cfg.loop_mode}), '
+      f'L={model_cfg.num_layers}, d={model_cfg.d_model}, vocab={model_cfg.vocab_size}, '
+      f'dtype={model_cfg.dtype}; {fpt["train"] / 1e6:.1f} MFLOP/token (train)')
+  say(f'mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} '
+      f'device(s); batch {t.batch_size} x {t.seq_len} ({t.grad_accum} microbatch(es)); '
+      f'steps {t.steps}')
+  st = stats
+  size = (f'{st["train_tokens"]:,} train / {st["val_tokens"]:,} val tokens, {st["train_rows"]:,} '
+          f'rows (~{st["train_rows"] // max(1, t.batch_size)} steps per epoch)'
+          if st['train_rows'] else
+          f'training rows generated without end, {st["val_tokens"]:,} val tokens')
+  say(f'data: {st["source"]}, {st["tokenizer"]} tokenizer ({st["vocab_size"]}), {size}')
+
+
+def _first_evaluation(evaluator: Evaluator, state, start_step: int, at_start: bool, say):
+  """The validation loss the run starts from: evaluated now for a new run (eval.at_start), read
+  from the metrics of a resumed one."""
+  if start_step == 0 and at_start:
+    first_val = evaluator(state, 0)
+    say(f'step 0: val loss {first_val["loss"]:.4f}')
+    return first_val
+  if start_step > 0:
+    return _val_record(evaluator.writer.records(), 0)
+  return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns a summary of the run and its outputs.
 
@@ -163,10 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   fileio.check_access(workdir, 'workdir')  # an unusable URL fails here, before any work
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
-  ModelConfig.from_dict(config.model)  # bad model fields fail before any work
-  mesh = build_mesh(config.mesh)
-  validate_config(config, mesh, jax.process_count())
-  opt_lib.validate(config.optimizer, config.train.steps)
+  mesh = _checked_mesh(config)
   fileio.makedirs(workdir)
   say(f'workdir {workdir}')
 
@@ -188,20 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     n_params = sum(x.size for x in jax.tree.leaves(state['model']))
     fpt = flops_lib.flops_per_token(model_cfg, t.seq_len)
-    peak = (t.peak_tflops_per_device * 1e12 if t.peak_tflops_per_device > 0
-            else flops_lib.peak_flops_per_device())
-    st = data.stats
-    say(f'model: {n_params / 1e6:.2f}M params, R={model_cfg.num_loops} ({model_cfg.loop_mode}), '
-        f'L={model_cfg.num_layers}, d={model_cfg.d_model}, vocab={model_cfg.vocab_size}, '
-        f'dtype={model_cfg.dtype}; {fpt["train"] / 1e6:.1f} MFLOP/token (train)')
-    say(f'mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} '
-        f'device(s); batch {t.batch_size} x {t.seq_len} ({t.grad_accum} microbatch(es)); '
-        f'steps {t.steps}')
-    size = (f'{st["train_tokens"]:,} train / {st["val_tokens"]:,} val tokens, {st["train_rows"]:,} '
-            f'rows (~{st["train_rows"] // max(1, t.batch_size)} steps per epoch)'
-            if st['train_rows'] else
-            f'training rows generated without end, {st["val_tokens"]:,} val tokens')
-    say(f'data: {st["source"]}, {st["tokenizer"]} tokenizer ({st["vocab_size"]}), {size}')
+    _describe(say, model_cfg, config, mesh, n_params, fpt, data.stats)
 
     bsh = sharding_lib.batch_sharding(mesh)
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, enabled=is_main)
@@ -209,26 +238,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     title = (f'R={model_cfg.num_loops} {model_cfg.loop_mode}, {n_params / 1e6:.1f}M params, '
              f'{config.preset}')
     evaluator = Evaluator(program.eval_step, [device_batch(b, bsh) for b in data.val_batches],
-                           st, every=config.eval.every, end_step=end_step, writer=writer,
-                           title=title, is_main=is_main)
-    first_val = None
-    if start_step == 0 and config.eval.at_start and evaluator.every > 0:
-      first_val = evaluator(state, 0)
-      say(f'step 0: val loss {first_val["loss"]:.4f}')
-    elif start_step > 0:  # the starting loss of a resumed run is in its metrics
-      first_val = _val_record(writer.records(), 0)
-
-    checkpoints = Checkpoints(ckpt, every=config.checkpoint.every, end_step=end_step,
-                               last_saved=start_step if restored else None,
-                               data_iter=data.train_iter, config=config)
-    throughput = Throughput(t.batch_size * t.seq_len, fpt['train'], mesh.devices.size, peak)
+                          data.stats, writer=writer, title=title, is_main=is_main)
+    first_val = _first_evaluation(evaluator, state, start_step,
+                                  config.eval.at_start and config.eval.every > 0, say)
+    checkpoints = Checkpoints(ckpt, last_saved=start_step if restored else None,
+                              data_iter=data.train_iter, config=config)
+    throughput = Throughput(t.batch_size * t.seq_len, fpt['train'], mesh.devices.size,
+                            _peak_flops(t))
     progress = metrics_lib.Progress(t.steps, start_step, enabled=is_main and t.progress)
     reporter = StepReporter(writer, progress, throughput, checkpoints)
     with contextlib.closing(progress):
       state, step, stop, last_val = run_steps(
           state, start_step, end_step=end_step, train_step=program.train_step,
           train_iter=data.train_iter, batch_sharding=bsh, reporter=reporter,
-          evaluator=evaluator, checkpoints=checkpoints)
+          evaluator=evaluator, eval_every=config.eval.every, checkpoints=checkpoints,
+          checkpoint_every=config.checkpoint.every)
     if stop:
       say(f'{stop}: saved a checkpoint at step {step}; run the same command to resume.')
     writer.flush()
@@ -248,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpoints=ckpt.directory, checkpoint_steps=ckpt.all_steps() if is_main else None,
       metrics=writer.jsonl_path, tensorboard=writer.tb_dir, loss_curve=png,
       config=config_path, tokenizer=fileio.join(workdir, ckpt_lib.TOKENIZER_DIR),
-      data_cache=st.get('cache_dir'))
+      data_cache=data.stats.get('cache_dir'))
   if is_main:
     _print_summary(summary)
   return summary

@@ -117,34 +117,90 @@ def _new_token() -> str:
   return secrets.token_hex(16)
 
 
-def run_program(program: str, limits: Limits = Limits(), *, judge: Optional[Judge] = None,
-                namespaces: bool = True, drop_privileges: bool = True,
-                base_dir: Optional[str] = None, disable: Sequence[str] = (),
-                engine: Optional[str] = None) -> ExecResult:
-  """Runs `program` (Python source) in the sandbox.
+@dataclasses.dataclass
+class _Run:
+  """One program's run as set up: who runs it, where, its pipes, its job and how it starts."""
+  bwrap: Optional[str]
+  uid: Optional[int]
+  gid: Optional[int]
+  uids: list
+  cgroup: Optional[host.Cgroup]
+  workdir: str
+  token: str
+  sig_r: int
+  sig_w: int
+  rep_r: int
+  rep_w: int
+  judge_fd: Optional[int]
+  job: bytes
+  argv: list
+  env: dict
+  deadline: float
 
-  With `judge`: it passes only if the judge's `check(candidate)` returned, every call of
-  `candidate` having gone to the program's `judge.entry_point`. Without: it passes if the
-  program ran to its end, which the program itself could fake (no adversary-proof verdict).
-  disable: layers to switch off (names in DISABLE), to show in tests what each one stops.
-  engine: 'bubblewrap' (the namespaces and the view by bwrap; the default where it runs, as
-  root) or 'builtin' (by this package's code; the fallback, and always with namespaces=False).
-  """
+
+@dataclasses.dataclass
+class _Outcome:
+  """What a run left: the supervisor's report, the verdict pipe's bytes, the output's tail."""
+  report: dict
+  sig: bytes
+  output: str
+  stuck: bool   # past the deadline here
+  over: bool    # the output went past the file size limit
+  dead: bool    # the supervisor did not finish
+
+
+def _check_arguments(judge: Optional[Judge], off: set, engine: Optional[str]) -> None:
   if judge is not None:
     for name in ('entry_point', 'check'):
       value = getattr(judge, name)
       if not (isinstance(value, str) and value.isidentifier()):
         raise ValueError(f'judge.{name}={value!r} is not a Python identifier')
-  off = set(disable)
   if off - set(DISABLE):
     raise ValueError(f'disable={sorted(off - set(DISABLE))}: not among {list(DISABLE)}')
   if engine not in (None,) + ENGINES:
     raise ValueError(f'engine={engine!r}: not among {list(ENGINES)}')
-  bwrap, engine_error = launch.bubblewrap() if namespaces and engine != 'builtin' else (
-      None, 'builtin engine asked for')
-  if engine == 'bubblewrap' and bwrap is None:
-    raise ValueError(f'engine=bubblewrap: {engine_error}')
-  start = time.monotonic()
+
+
+def _job(program: str, limits: Limits, judge: Optional[Judge], run: _Run, *, namespaces: bool,
+         off: set, cgroup_error: str, bpf, bpf_error: str, judge_uid: Optional[int]) -> bytes:
+  """The supervisor's job (marshal): the program, its identity, layers and limits."""
+  cgroup, bwrap = run.cgroup, run.bwrap
+  job = dict(
+      program=program, sig_fd=run.sig_w, rep_fd=run.rep_w, judge_fd=run.judge_fd, uid=run.uid,
+      gid=run.gid, judge_uid=judge_uid, judge=judge is not None, namespaces=bool(namespaces),
+      timeout=float(limits.timeout), disable=sorted(off),
+      engine='bubblewrap' if bwrap else 'builtin',
+      cgroup_procs=cgroup.procs_files if cgroup and not bwrap else [],
+      cgroup_joined=cgroup.version if cgroup and bwrap else None,
+      cgroup_version=cgroup.version if cgroup else None, cgroup_error=cgroup_error,
+      seccomp=bpf, seccomp_error=bpf_error,
+      limits=dict(cpu=limits.cpu(), memory_bytes=int(limits.memory_bytes),
+                  file_bytes=int(limits.file_bytes), nproc=int(limits.nproc),
+                  open_files=int(limits.open_files), tmpfs_bytes=int(limits.tmpfs_bytes),
+                  network=bool(limits.network)))
+  if judge is None:
+    job['token'] = run.token
+  else:
+    job['entry_point'] = judge.entry_point
+  return marshal.dumps(job)
+
+
+def _command(run: _Run, limits: Limits, off: set) -> tuple[list, float]:
+  """(argv, deadline here): bwrap, or the supervisor itself with the built-in engine."""
+  script, code_dir = launch.code()
+  if run.bwrap:   # bwrap is init's parent: the deadline here is the program's timeout
+    argv = launch.bubblewrap_command(run.bwrap, limits.tmpfs_bytes, off, script, code_dir)
+    if run.cgroup is not None:
+      argv = launch.in_cgroup(argv, run.cgroup.procs_files)
+    return argv, limits.timeout + 0.5
+  # The supervisor keeps the timeout; the deadline here is a backstop.
+  return [sys.executable, '-I', '-S', '-B', script, '--supervise', code_dir], limits.timeout + 10.0
+
+
+def _set_up(program: str, limits: Limits, judge: Optional[Judge], *, bwrap: Optional[str],
+            namespaces: bool, drop_privileges: bool, base_dir: Optional[str], off: set) -> _Run:
+  """Draws the uids and makes the cgroup, the work dir, the pipes and the job: nothing of it
+  outlives a failure."""
   uid = gid = judge_uid = None
   uids: list = []
   if drop_privileges and hasattr(os, 'geteuid') and os.geteuid() == 0:
@@ -153,7 +209,7 @@ def run_program(program: str, limits: Limits = Limits(), *, judge: Optional[Judg
     judge_uid = uids[1]
   cgroup = workdir = judge_fd = None
   fds: list = []
-  try:   # the setup: nothing of it may outlive a failure
+  try:
     cgroup_error = 'disabled'
     if 'cgroup' not in off:
       try:
@@ -170,35 +226,14 @@ def run_program(program: str, limits: Limits = Limits(), *, judge: Optional[Judg
     fds = [sig_r, sig_w, rep_r, rep_w]
     token = _new_token()
     judge_fd = launch.judge_file(judge, token) if judge is not None else None
-    script, code_dir = launch.code()
-    job = dict(
-        program=program, sig_fd=sig_w, rep_fd=rep_w, judge_fd=judge_fd, uid=uid, gid=gid,
-        judge_uid=judge_uid, judge=judge is not None, namespaces=bool(namespaces),
-        timeout=float(limits.timeout), disable=sorted(off),
-        engine='bubblewrap' if bwrap else 'builtin',
-        cgroup_procs=cgroup.procs_files if cgroup and not bwrap else [],
-        cgroup_joined=cgroup.version if cgroup and bwrap else None,
-        cgroup_version=cgroup.version if cgroup else None, cgroup_error=cgroup_error,
-        seccomp=bpf, seccomp_error=bpf_error,
-        limits=dict(cpu=limits.cpu(), memory_bytes=int(limits.memory_bytes),
-                    file_bytes=int(limits.file_bytes), nproc=int(limits.nproc),
-                    open_files=int(limits.open_files), tmpfs_bytes=int(limits.tmpfs_bytes),
-                    network=bool(limits.network)))
-    if judge is None:
-      job['token'] = token
-    else:
-      job['entry_point'] = judge.entry_point
-    job = marshal.dumps(job)
     env = {'PATH': '/usr/local/bin:/usr/bin:/bin', 'HOME': workdir, 'TMPDIR': workdir,
            'LANG': 'C.UTF-8', 'OMP_NUM_THREADS': '1'}
-    if bwrap:   # bwrap is init's parent: the deadline here is the program's timeout
-      argv = launch.bubblewrap_command(bwrap, limits.tmpfs_bytes, off, script, code_dir)
-      if cgroup is not None:
-        argv = launch.in_cgroup(argv, cgroup.procs_files)
-      deadline = limits.timeout + 0.5
-    else:       # the supervisor keeps the timeout; the deadline here is a backstop
-      argv = [sys.executable, '-I', '-S', '-B', script, '--supervise', code_dir]
-      deadline = limits.timeout + 10.0
+    run = _Run(bwrap, uid, gid, uids, cgroup, workdir, token, sig_r, sig_w, rep_r, rep_w,
+               judge_fd, b'', [], env, 0.0)
+    run.job = _job(program, limits, judge, run, namespaces=namespaces, off=off,
+                   cgroup_error=cgroup_error, bpf=bpf, bpf_error=bpf_error, judge_uid=judge_uid)
+    run.argv, run.deadline = _command(run, limits, off)
+    return run
   except BaseException:
     for fd in fds + ([judge_fd] if judge_fd is not None else []):
       os.close(fd)
@@ -208,26 +243,31 @@ def run_program(program: str, limits: Limits = Limits(), *, judge: Optional[Judg
     if workdir is not None:
       shutil.rmtree(workdir, ignore_errors=True)
     raise
-  pipe = 'output_pipe' not in off
-  stuck = dead = over = False
+
+
+def _execute(run: _Run, limits: Limits, pipe: bool) -> _Outcome:
+  """Starts the run, waits for it (killing its session at the end), reads what it left, and
+  removes everything it set up."""
+  stuck = over = False
   report: dict = {}
   try:
     with tempfile.TemporaryFile() as log:   # the output's file, only with output_pipe off
       try:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE if pipe else log,
-            stderr=subprocess.STDOUT, cwd=workdir, env=env, start_new_session=True,
-            pass_fds=tuple(fd for fd in (sig_w, rep_w, judge_fd) if fd is not None))
+            run.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE if pipe else log,
+            stderr=subprocess.STDOUT, cwd=run.workdir, env=run.env, start_new_session=True,
+            pass_fds=tuple(fd for fd in (run.sig_w, run.rep_w, run.judge_fd) if fd is not None))
       finally:
-        for fd in (sig_w, rep_w, judge_fd):
+        for fd in (run.sig_w, run.rep_w, run.judge_fd):
           if fd is not None:
             os.close(fd)
       try:
         if pipe:
-          tail, over, stuck = launch.communicate(proc, job, deadline, int(limits.file_bytes))
+          tail, over, stuck = launch.communicate(proc, run.job, run.deadline,
+                                                 int(limits.file_bytes))
         else:
           try:
-            proc.communicate(job, timeout=deadline)
+            proc.communicate(run.job, timeout=run.deadline)
           except subprocess.TimeoutExpired:
             stuck = True
       finally:
@@ -236,57 +276,92 @@ def run_program(program: str, limits: Limits = Limits(), *, judge: Optional[Judg
         except (ProcessLookupError, PermissionError):
           pass
         proc.wait()
-      report = launch.report_of(launch.read_available(rep_r))
-      if bwrap and report:   # bwrap exits with init's status
+      report = launch.report_of(launch.read_available(run.rep_r))
+      if run.bwrap and report:   # bwrap exits with init's status
         code = proc.returncode if proc.returncode >= 0 and not stuck else None
         sig_no = code - 128 if code is not None and code > 128 else None
         report.update(timed_out=stuck, exit_code=None if sig_no else code, signal=sig_no)
         stuck = False
-      sig = launch.read_available(sig_r)
+      sig = launch.read_available(run.sig_r)
       if not pipe:
         log.seek(0, os.SEEK_END)
         log.seek(max(0, log.tell() - OUTPUT_TAIL))
         tail = log.read()
       output = tail.decode('utf-8', errors='replace')
   finally:
-    os.close(sig_r)
-    os.close(rep_r)
-    emptied = cgroup.remove() if cgroup is not None else False
-    if (not report or bwrap) and uid is not None and not emptied:
-      launch.sweep_uid(uid, gid)   # uids checked unused: only the sandbox's processes
-    if not report:  # the supervisor did not finish
-      dead = not stuck
-    host.release_uids(uids)
-    shutil.rmtree(workdir, ignore_errors=True)
-  duration = time.monotonic() - start
-  isolation_report = {k: report.get(k) for k in _REPORT_KEYS}
-  isolation_report['output'] = 'pipe' if pipe else 'file'
-  isolation_report['engine'] = 'bubblewrap' if bwrap else 'builtin'
-  if not bwrap and namespaces and engine is None:
-    isolation_report['engine_error'] = engine_error
-  if uid is not None and 'uid_check' in off:
-    isolation_report['identity'] = 'throwaway_uid_unchecked'
+    os.close(run.sig_r)
+    os.close(run.rep_r)
+    emptied = run.cgroup.remove() if run.cgroup is not None else False
+    if (not report or run.bwrap) and run.uid is not None and not emptied:
+      launch.sweep_uid(run.uid, run.gid)   # uids checked unused: only the sandbox's processes
+    host.release_uids(run.uids)
+    shutil.rmtree(run.workdir, ignore_errors=True)
+  return _Outcome(report, sig, output, stuck, over, dead=not report and not stuck)
+
+
+def _isolation_report(out: _Outcome, run: _Run, *, pipe: bool, namespaces: bool,
+                      engine: Optional[str], engine_error: str, off: set) -> dict:
+  iso = {k: out.report.get(k) for k in _REPORT_KEYS}
+  iso['output'] = 'pipe' if pipe else 'file'
+  iso['engine'] = 'bubblewrap' if run.bwrap else 'builtin'
+  if not run.bwrap and namespaces and engine is None:
+    iso['engine_error'] = engine_error
+  if run.uid is not None and 'uid_check' in off:
+    iso['identity'] = 'throwaway_uid_unchecked'
   for k in _ERROR_KEYS:
-    if report.get(k):
-      isolation_report[k] = report[k]
-  timed_out = bool(report.get('timed_out')) or stuck
-  passed = (not timed_out) and sig == token.encode()
-  if passed:
-    status, reason = 'passed', ''
-  elif timed_out:
-    status, reason = 'timeout', f'timed out after {limits.timeout:g} s'
+    if out.report.get(k):
+      iso[k] = out.report[k]
+  return iso
+
+
+def _verdict(out: _Outcome, token: str, limits: Limits, judged: bool) -> tuple[bool, str, str]:
+  """(passed, status, reason)."""
+  timed_out = bool(out.report.get('timed_out')) or out.stuck
+  if not timed_out and out.sig == token.encode():
+    return True, 'passed', ''
+  if timed_out:
+    return False, 'timeout', f'timed out after {limits.timeout:g} s'
+  if out.over:
+    reason = 'file size limit exceeded'
+  elif out.dead:
+    reason = 'sandbox supervisor died'
+  elif out.sig.startswith(b'\0'):  # the exception that ended the tests (or the program)
+    reason = out.sig[1:].decode('utf-8', 'replace')
   else:
-    status = 'failed'
-    if over:
-      reason = 'file size limit exceeded'
-    elif dead:
-      reason = 'sandbox supervisor died'
-    elif sig.startswith(b'\0'):  # the exception that ended the tests (or the program)
-      reason = sig[1:].decode('utf-8', 'replace')
-    else:
-      reason = launch.failure_reason(report, output, judge is not None)
-  return ExecResult(passed, status, reason[:REASON_MAX], duration, report.get('exit_code'),
-                    report.get('signal'), output, isolation_report)
+    reason = launch.failure_reason(out.report, out.output, judged)
+  return False, 'failed', reason
+
+
+def run_program(program: str, limits: Limits = Limits(), *, judge: Optional[Judge] = None,
+                namespaces: bool = True, drop_privileges: bool = True,
+                base_dir: Optional[str] = None, disable: Sequence[str] = (),
+                engine: Optional[str] = None) -> ExecResult:
+  """Runs `program` (Python source) in the sandbox.
+
+  With `judge`: it passes only if the judge's `check(candidate)` returned, every call of
+  `candidate` having gone to the program's `judge.entry_point`. Without: it passes if the
+  program ran to its end, which the program itself could fake (no adversary-proof verdict).
+  disable: layers to switch off (names in DISABLE), to show in tests what each one stops.
+  engine: 'bubblewrap' (the namespaces and the view by bwrap; the default where it runs, as
+  root) or 'builtin' (by this package's code; the fallback, and always with namespaces=False).
+  """
+  off = set(disable)
+  _check_arguments(judge, off, engine)
+  bwrap, engine_error = launch.bubblewrap() if namespaces and engine != 'builtin' else (
+      None, 'builtin engine asked for')
+  if engine == 'bubblewrap' and bwrap is None:
+    raise ValueError(f'engine=bubblewrap: {engine_error}')
+  start = time.monotonic()
+  run = _set_up(program, limits, judge, bwrap=bwrap, namespaces=namespaces,
+                drop_privileges=drop_privileges, base_dir=base_dir, off=off)
+  pipe = 'output_pipe' not in off
+  out = _execute(run, limits, pipe)
+  duration = time.monotonic() - start
+  iso = _isolation_report(out, run, pipe=pipe, namespaces=namespaces, engine=engine,
+                          engine_error=engine_error, off=off)
+  passed, status, reason = _verdict(out, run.token, limits, judge is not None)
+  return ExecResult(passed, status, reason[:REASON_MAX], duration, out.report.get('exit_code'),
+                    out.report.get('signal'), out.output, iso)
 
 
 def run_programs(programs: Sequence[str], limits: Limits = Limits(), *, workers: int = 4,

@@ -7,8 +7,11 @@ imports this module by path. The evaluator's side (building the filter, making t
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import resource
 import signal
+import stat
 import sys
 import time
 
@@ -29,7 +32,6 @@ _LIBC: list = []
 
 def libc():
   if not _LIBC:
-    import ctypes  # pylint: disable=g-import-not-at-top
     _LIBC.extend((ctypes, ctypes.CDLL(None, use_errno=True)))
   return _LIBC[0], _LIBC[1]
 
@@ -120,7 +122,6 @@ def map_ids() -> None:
 
 def others_can_read(path: str) -> bool:
   """Can a user with no relation to the owners open `path` (every ancestor searchable)?"""
-  import stat  # pylint: disable=g-import-not-at-top
   path = os.path.realpath(path)
   try:
     if not os.stat(path).st_mode & stat.S_IROTH:
@@ -236,7 +237,6 @@ def kill_uid_here(uid: int, gid: int) -> None:
 
 def close_fds_except(keep) -> None:
   """Closes every descriptor above 2 that is not in `keep` (nothing else may be inherited)."""
-  import resource  # pylint: disable=g-import-not-at-top
   top = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 1 << 20)
   if top == resource.RLIM_INFINITY or top < 0:
     top = 1 << 20
@@ -250,7 +250,6 @@ def close_fds_except(keep) -> None:
 
 def limit_and_drop(job: dict, judge: bool) -> None:
   """rlimits, then the process's identity: a throwaway uid (root) or no capabilities."""
-  import resource  # pylint: disable=g-import-not-at-top
   lim = job['limits']
   parent = os.getppid()
   uid = job['judge_uid'] if judge else job['uid']

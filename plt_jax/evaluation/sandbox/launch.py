@@ -2,13 +2,16 @@
 capped output, the bubblewrap command line, the failure reason and the backstop sweep."""
 from __future__ import annotations
 
+import atexit
 import marshal
 import os
+import py_compile
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -30,8 +33,6 @@ def code() -> tuple[str, str]:
   pid = os.getpid()
   with _COMPILED_LOCK:
     if pid not in _COMPILED:   # also after a fork: the parent removes its copy at its exit
-      import atexit  # pylint: disable=g-import-not-at-top
-      import py_compile  # pylint: disable=g-import-not-at-top
       result = (os.path.join(PACKAGE_DIR, 'supervisor.py'), PACKAGE_DIR)
       d = tempfile.mkdtemp(prefix='plt-sandbox-code-')
       os.chmod(d, 0o755)
@@ -196,7 +197,6 @@ def bubblewrap() -> tuple:
 
 def _interpreter_dirs() -> list:
   """What `python -I -S` imports from: the prefixes and the standard library's directories."""
-  import sysconfig  # pylint: disable=g-import-not-at-top
   dirs = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix)}
   for key in ('stdlib', 'platstdlib'):
     p = os.path.realpath(sysconfig.get_paths(vars={'base': sys.base_prefix,

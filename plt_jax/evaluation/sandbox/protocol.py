@@ -19,6 +19,7 @@ import errno
 import marshal
 import os
 import sys
+import types
 
 try:
   from . import wire
@@ -34,6 +35,7 @@ class ProgramError(Exception):
 
 def print_exception() -> None:
   try:
+    # Late: a failure is rare, and every program's start would pay for the import.
     import traceback  # pylint: disable=g-import-not-at-top
     traceback.print_exc()
     sys.stderr.flush()
@@ -51,6 +53,7 @@ def describe(e: BaseException) -> str:
 
 def disable_sockets() -> None:
   """Fallback when no network namespace is allowed: the socket module refuses to connect."""
+  # Late: only this fallback needs the socket modules, which are slow to import at every start.
   import socket  # pylint: disable=g-import-not-at-top
   import _socket  # pylint: disable=g-import-not-at-top
 
@@ -70,7 +73,6 @@ def disable_sockets() -> None:
 
 def _load_program(program: str):
   """Runs the program as module __main__ (in /sandbox/program.py, nominally)."""
-  import types  # pylint: disable=g-import-not-at-top
   module = types.ModuleType('__main__')
   module.__file__ = os.path.join(os.getcwd(), 'program.py')
   sys.modules['__main__'] = module
