@@ -156,9 +156,8 @@ class Generator:
                                         compiler_options=self.compiler_options)
     return self._decoders[max_len]
 
-  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-               sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
-               seed: int = 0, callback: Optional[StreamCallback] = None) -> GenerationResult:
+  def _check_request(self, prompts, max_new_tokens, sampling: SamplingParams, stop_tokens):
+    """(stop token set, longest prompt, cache slots) of a valid request; else a ValueError."""
     cfg = self.cfg
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
         or max_new_tokens < 1:
@@ -177,6 +176,12 @@ class Generator:
       where = 'max_len' if self.max_len else "the model's max_seq_len"
       raise ValueError(f'a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} needs '
                        f'{need} cache slots, more than {where}={max_len}')
+    return stop, longest, max_len
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+               sampling: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
+               seed: int = 0, callback: Optional[StreamCallback] = None) -> GenerationResult:
+    stop, longest, max_len = self._check_request(prompts, max_new_tokens, sampling, stop_tokens)
     dec = self.decoder(max_len)
     sample = _sampler(sampling, tuple(sorted((self.compiler_options or {}).items())))
     width = min(_round_up(max(longest, 1), self.prompt_bucket), max_len)

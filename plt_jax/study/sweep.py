@@ -43,6 +43,7 @@ from plt_jax.infer import decode
 from plt_jax.study import diagnostics
 from plt_jax.train import checkpoint as ckpt_lib
 from plt_jax.train import flops as flops_lib
+from plt_jax.train import step as step_lib
 from plt_jax.train.metrics import read_jsonl
 
 RESULT_FILE = 'sweep_result.json'
@@ -50,14 +51,21 @@ BUDGETS = ('steps', 'flops')
 _KINDS = {'r': 'plt', 'vanilla': 'vanilla', 'deep': 'deep'}
 
 
+# A variant name ending in LOOP_LOSS trains with the per-loop loss, equal weights on every loop
+# (train.loop_loss_weights = (1,) * N).
+LOOP_LOSS = '+ll'
+
+
 def parse_variants(spec: str) -> list[tuple[str, int, str]]:
-  """'r1,r2,vanilla2,deep2' -> [(name, N, kind), ...], kind in 'plt' | 'vanilla' | 'deep'."""
+  """'r1,r2,vanilla2,deep2,r3+ll' -> [(name, N, kind), ...], kind in 'plt' | 'vanilla' | 'deep';
+  rN+ll and vanillaN+ll add the per-loop loss."""
   out = []
   for name in [s.strip() for s in spec.split(',') if s.strip()]:
-    m = re.fullmatch(r'(r|vanilla|deep)(\d+)', name)
-    if not m or int(m.group(2)) < 1:
+    m = re.fullmatch(r'(r|vanilla|deep)(\d+)(\+ll)?', name)
+    if not m or int(m.group(2)) < 1 or (m.group(3) and m.group(1) == 'deep'):
       raise ValueError(
-          f'sweep.variants: {name!r} is not of the form rN, vanillaN or deepN (N >= 1)')
+          f'sweep.variants: {name!r} is not of the form rN, vanillaN or deepN (N >= 1), or '
+          f'rN{LOOP_LOSS} / vanillaN{LOOP_LOSS} for the per-loop loss')
     out.append((name, int(m.group(2)), _KINDS[m.group(1)]))
   if not out:
     raise ValueError('sweep.variants is empty')
@@ -86,11 +94,14 @@ def sweep_budget(config: ml_collections.ConfigDict) -> str:
 
 
 def variant_config(config: ml_collections.ConfigDict, num_loops: int, loop_mode: str,
-                   root: str, *, seed: Optional[int] = None,
-                   steps: Optional[int] = None) -> ml_collections.ConfigDict:
-  """The training config of one variant (loop_mode 'deep': R=1 with num_loops x the layers)."""
+                   root: str, *, seed: Optional[int] = None, steps: Optional[int] = None,
+                   loop_loss: bool = False) -> ml_collections.ConfigDict:
+  """The training config of one variant (loop_mode 'deep': R=1 with num_loops x the layers;
+  loop_loss: equal per-loop loss weights)."""
   cfg = ml_collections.ConfigDict(config.to_dict())
   del cfg['sweep']
+  if loop_loss:
+    cfg.train.loop_loss_weights = (1.0,) * num_loops
   if loop_mode == 'deep':
     cfg.model.num_layers = num_loops * int(config.model.num_layers)
     cfg.model.num_loops = 1
@@ -163,7 +174,8 @@ def run_variant(config, name, num_loops, loop_mode, root, *, seed: Optional[int]
   if fileio.exists(done):
     log(f'[sweep] {name} seed {seed}: finished earlier, skipping ({done})')
     return fileio.read_json(done)
-  cfg = variant_config(config, num_loops, loop_mode, root, seed=seed, steps=steps)
+  cfg = variant_config(config, num_loops, loop_mode, root, seed=seed, steps=steps,
+                       loop_loss=name.endswith(LOOP_LOSS))
   log(f'[sweep] {name} seed {seed}: training {cfg.train.steps} steps, R={cfg.model.num_loops} '
       f'L={cfg.model.num_layers} {cfg.model.loop_mode} in {workdir}')
   summary = train.train_and_evaluate(cfg, workdir)
@@ -180,7 +192,9 @@ def run_variant(config, name, num_loops, loop_mode, root, *, seed: Optional[int]
     exact_match = synthetic.evaluate_run(model, saved_cfg.data)['accuracy']
     log(f'[sweep] {name} seed {seed}: exact match {exact_match:.4f} on the held-out set')
   t = saved_cfg.train
-  fpt = flops_lib.flops_per_token(mcfg, int(t.seq_len))
+  fpt = flops_lib.flops_per_token(
+      mcfg, int(t.seq_len),
+      step_lib.normalized_loop_weights(t.get('loop_loss_weights', ()), mcfg.num_loops))
   tokens = int(t.steps) * int(t.batch_size) * int(t.seq_len)
   result = dict(
       name=name, kind=loop_mode, R=num_loops, seed=seed, num_loops=mcfg.num_loops,

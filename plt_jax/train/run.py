@@ -24,7 +24,7 @@ from plt_jax.train import checkpoint as ckpt_lib
 from plt_jax.train import flops as flops_lib
 from plt_jax.train import metrics as metrics_lib
 from plt_jax.train import optimizer as opt_lib
-from plt_jax.train.step import Program, build_mesh, device_batch
+from plt_jax.train.step import Program, build_mesh, device_batch, normalized_loop_weights
 from plt_jax.train.loop import Checkpoints, Evaluator, StepReporter, Throughput, run_steps
 
 # ----------------------------------------------------------------------------- config checks
@@ -216,7 +216,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model_cfg = _model_config(config, data.tokenizer)
   config_path = _check_saved_config(config, workdir, say)
   t = config.train
-  program = Program.get(model_cfg, config.optimizer, t.steps, mesh, grad_accum=t.grad_accum)
+  loop_weights = normalized_loop_weights(t.get('loop_loss_weights', ()), model_cfg.num_loops)
+  program = Program.get(model_cfg, config.optimizer, t.steps, mesh, grad_accum=t.grad_accum,
+                        loop_weights=loop_weights)
   end_step = t.steps if t.stop_at_step < 0 else min(t.steps, t.stop_at_step)
 
   with contextlib.ExitStack() as cleanup:
@@ -229,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ckpt_lib.save_config(workdir, config)
 
     n_params = sum(x.size for x in jax.tree.leaves(state['model']))
-    fpt = flops_lib.flops_per_token(model_cfg, t.seq_len)
+    fpt = flops_lib.flops_per_token(model_cfg, t.seq_len, loop_weights)
     _describe(say, model_cfg, config, mesh, n_params, fpt, data.stats)
 
     bsh = sharding_lib.batch_sharding(mesh)
