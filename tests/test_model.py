@@ -292,8 +292,11 @@ def test_remat_policies_same_gradients(policy):
 
   g0 = jax.tree.leaves(nnx.jit(grads)(make(num_loops=2)))
   g1 = jax.tree.leaves(nnx.jit(grads)(make(num_loops=2, remat=policy)))
-  assert max(float(jnp.abs(a - b).max()) for a, b in zip(g0, g1)) < 1e-6
-  assert max(float(jnp.abs(a).max()) for a in g0) > 1e-4
+  scale = max(float(jnp.abs(a).max()) for a in g0)
+  assert scale > 1e-4
+  # Recomputation may reorder float sums (newer XLA fuses the rematerialised graph differently):
+  # equal to float32 rounding, relative to the largest gradient.
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(g0, g1)) < 1e-5 * scale
 
 
 def test_param_count_and_7b_preset():
