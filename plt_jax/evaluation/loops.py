@@ -272,14 +272,19 @@ def evaluate_workdir(suite: str, loops, *, workdir: Optional[str] = None,
   loaded = loading.load_model(path, source=source, step=step, dtype=dtype)
   model, info = loaded.model, loaded.info
   cfg = model.cfg
-  if rules and cfg.loop_mode == 'vanilla':
-    rules = []   # a vanilla model's loops are sequential: its fixed counts are the comparison
+  if cfg.loop_mode == 'vanilla' or cfg.num_loops == 1:
+    rules = []   # sequential loops, or a single one: the fixed counts are the comparison
   batches, token_bytes, task = _suite_batches(suite, loaded, workdir, batch_size=batch_size,
                                               limit=limit)
+  skipped = []
+  if cfg.num_loops == 1 and cfg.replace(num_loops=2).plt_uses_gswa:
+    # A one-loop PLT has no G-SWA gates to run more loops with: it is scored at R' = 1 only.
+    skipped = [r for r in loops if r > 1]
+    loops = [r for r in loops if r == 1]
   stats_fn = make_stats_fn(model, max(max(loops), cfg.num_loops))
   table = loop_table(collect(stats_fn, batches, token_bytes), trained_loops=cfg.num_loops,
                      loops=loops, rules=rules, task=task)
-  table.update(suite=suite, model=info, loop_mode=cfg.loop_mode)
+  table.update(suite=suite, model=info, loop_mode=cfg.loop_mode, skipped_loops=skipped)
   tag = f'step{info["step"]}' if info.get('step') is not None else 'hf'
   out = fileio.path(out_dir) if out_dir else (
       fileio.path(info['path'] if source == 'workdir' else fileio.abspath(workdir or hf_dir))
