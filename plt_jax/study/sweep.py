@@ -197,7 +197,8 @@ def run_variant(config, name, num_loops, loop_mode, root, *, seed: Optional[int]
       step_lib.normalized_loop_weights(t.get('loop_loss_weights', ()), mcfg.num_loops))
   tokens = int(t.steps) * int(t.batch_size) * int(t.seq_len)
   result = dict(
-      name=name, kind=loop_mode, R=num_loops, seed=seed, num_loops=mcfg.num_loops,
+      name=name, kind=loop_mode + (LOOP_LOSS if name.endswith(LOOP_LOSS) else ''), R=num_loops,
+      seed=seed, num_loops=mcfg.num_loops,
       loop_mode=mcfg.loop_mode, num_layers=mcfg.num_layers, vocab_size=mcfg.vocab_size,
       params=mcfg.param_count(), steps=int(t.steps), train_tokens=tokens,
       train_flops=fpt['train'] * tokens,
@@ -353,12 +354,13 @@ def _vs_loops(fig, summary: list[dict], key: str, ylabel: str, n_seeds: int) -> 
   if plt_runs:
     ax.errorbar([s['R'] for s in plt_runs], [s[key]['mean'] for s in plt_runs],
                 yerr=[err(s) for s in plt_runs], marker='o', capsize=3, label='PLT')
-  for kind, marker, color in (('vanilla', 's', 'C3'), ('deep', '^', 'C2')):
+  for kind, marker, color in (('vanilla', 's', 'C3'), ('deep', '^', 'C2'),
+                              ('plt' + LOOP_LOSS, 'D', 'C4')):
     for s in summary:
       if s['kind'] == kind and s[key]['mean'] is not None:
         ax.errorbar([s['R']], [s[key]['mean']], yerr=[err(s)], marker=marker,
                     color=color, capsize=3, linestyle='none', zorder=3,
-                    label=f"{kind} {'R' if kind == 'vanilla' else 'x'}={s['R']}")
+                    label=f"{kind} {'x' if kind == 'deep' else 'R'}={s['R']}")
   ax.set_xlabel('loops R (deep: layer multiple)')
   ax.set_ylabel(ylabel + (f'\nmean ± std over {n_seeds} seeds' if n_seeds > 1 else ''))
   ax.set_xticks(sorted({s['R'] for s in summary}))
