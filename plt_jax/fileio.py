@@ -149,6 +149,32 @@ def write_figure(p: PathLike, fig, **savefig_kwargs) -> str:
   return str(p)
 
 
+def upload_dir(local: PathLike, dest: PathLike) -> None:
+  """Copies the files under the local directory `local` to `dest` (a URL or a local path),
+  keeping their relative paths; each file is written whole (`write_bytes`)."""
+  root = os.fspath(local)
+  for directory, _, files in os.walk(root):
+    for name in files:
+      rel = os.path.relpath(os.path.join(directory, name), root)
+      with open(os.path.join(directory, name), 'rb') as f:
+        write_bytes(path(dest) / rel, f.read())
+
+
+def download_dir(src: PathLike, local: PathLike) -> str:
+  """Copies the files under `src` (a URL) into the local directory `local`; returns `local`.
+  For readers that need local files (safetensors maps them into memory)."""
+  src = path(src)
+  if not src.is_dir():
+    raise FileNotFoundError(f'{src}: no such directory')
+  for item in src.rglob('*'):
+    if item.is_file():
+      target = os.path.join(os.fspath(local), os.fspath(item.relative_to(src)))
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      with open(target, 'wb') as f:
+        f.write(item.read_bytes())
+  return os.fspath(local)
+
+
 # --------------------------------------------------------------------------- access checks
 
 def _scheme(p: str) -> str:

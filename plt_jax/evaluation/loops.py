@@ -16,7 +16,6 @@ decoding produces) and next-token loss (nats, and bits per byte where bytes are 
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from typing import Any, Iterable, Optional, Sequence
 
@@ -210,10 +209,8 @@ def plot_pareto(t: dict, png_path: str, title: str = '') -> str:
   ax.set_title(title or 'quality against loops')
   ax.legend()
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png', dpi=120)
+  fileio.write_figure(png_path, fig, dpi=120)
   plt.close(fig)
-  fileio.write_bytes(png_path, buf.getvalue())
   return str(png_path)
 
 

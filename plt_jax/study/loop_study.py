@@ -14,7 +14,6 @@ in their seed: their tables are averaged, with the standard deviation over seeds
 """
 from __future__ import annotations
 
-import io
 from typing import Optional, Sequence
 
 import numpy as np
@@ -108,11 +107,9 @@ def format_study(study: dict) -> str:
 
 def _save(fig, path) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
   fig.tight_layout()
-  fig.savefig(buf, format='png', dpi=120)
+  fileio.write_figure(path, fig, dpi=120)
   plt.close(fig)
-  fileio.write_bytes(path, buf.getvalue())
 
 
 def plot_fixed(study: dict, path) -> None:
