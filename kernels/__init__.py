@@ -16,7 +16,19 @@ plt_jax, and importing this package loads nothing. `plt_jax.attention` chooses a
 
 if __name__ != 'plt_jax.kernels':
   # Run from the checkout's root, this directory is also importable as a top-level `kernels`, the
-  # name of an unrelated PyPI package that other libraries probe for (transformers imports it to
-  # read a version). That probe must see a harmless empty module, so the import succeeds here but
-  # no submodule can load under the wrong name: one file stays one module.
+  # name of an unrelated PyPI package (a dependency of recent transformers, which imports names
+  # from it; older ones only probe for its version). Where that package is installed, this import
+  # hands over to it; elsewhere this stays an empty module, so a probe reads no version. No
+  # submodule of ours ever loads under the wrong name: one file stays one module.
+  import importlib.machinery as _machinery
+  import importlib.util as _util
+  import os as _os
+  import sys as _sys
+  _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
+  _spec = _machinery.PathFinder.find_spec(
+      __name__, [p for p in _sys.path if _os.path.realpath(p or '.') != _root])
   __path__ = []
+  if _spec is not None and _spec.loader is not None:
+    _real = _util.module_from_spec(_spec)
+    _sys.modules[__name__] = _real   # the import statement returns what sys.modules holds
+    _spec.loader.exec_module(_real)
