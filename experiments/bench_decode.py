@@ -3,7 +3,7 @@
   python -m experiments.bench_decode --out bench_decode.json           # ~100M params, batch 1 and 8
   python -m experiments.bench_decode --small                           # a quick run on a tiny model
 
-The modes and how they are timed: plt_jax/decode_bench.py (below).
+The modes and how they are timed: experiments/bench/decode.py (below).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from plt_jax import decode_bench
+from experiments.bench import decode as decode_bench
 
 
 def parse_args(argv=None):

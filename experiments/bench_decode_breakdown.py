@@ -3,7 +3,7 @@
   python -m experiments.bench_decode_breakdown --out breakdown.json      # ~100M model, R = 1, 2, 4
   python -m experiments.bench_decode_breakdown --small                   # tiny model, quick
 
-What is timed against what: plt_jax.decode_bench.breakdown (below).
+What is timed against what: experiments.bench.decode.breakdown (below).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import argparse
 import inspect
 import sys
 
-from plt_jax import decode_bench
+from experiments.bench import decode as decode_bench
 
 
 def parse_args(argv=None):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments.bench import torch_timing
 from plt_jax import ModelConfig
 from plt_jax import hf as hf_lib
 from plt_jax.hf import convert
@@ -789,7 +790,7 @@ def test_seed_snippet_on_exported_model(tc, exports, tokenizer):
 
 def test_torch_generate_timing(tc, exports):
   _, d = exports['r3_query']
-  r = hf_lib.torch_generate_timing(d, random_tokens((2, 9), seed=3).tolist(), 5, repeats=1,
+  r = torch_timing.torch_generate_timing(d, random_tokens((2, 9), seed=3).tolist(), 5, repeats=1,
                                    threads=1)
   assert r['batch'] == 2 and r['prompt_len'] == 9 and r['new_tokens'] == 5
   assert 0 < r['prefill_s'] < r['total_s'] and r['tokens_per_s'] > 0

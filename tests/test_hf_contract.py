@@ -322,7 +322,7 @@ def test_decode_step_is_one_pass_through_the_layers(name):
 
 def test_decode_step_op_count_near_llama(tmp_path):
   """The R = 2 decode step issues at most 1.5x the torch ops of transformers' Llama step."""
-  from plt_jax.hf import timing  # pylint: disable=g-import-not-at-top
+  from experiments.bench import torch_timing as timing  # pylint: disable=g-import-not-at-top
   r1 = make_torch('r1', plt_num_loops=1)
   r1.save_pretrained(tmp_path)
   llama = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()

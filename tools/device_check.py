@@ -375,7 +375,7 @@ def step_attention(args, sink: Sink) -> bool:
 def step_decode(args, sink: Sink) -> bool:
   """experiments.bench_decode on the XLA stacked path, one batch size at a time."""
   from experiments import bench_decode as bench  # pylint: disable=import-outside-toplevel
-  from plt_jax import decode_bench  # pylint: disable=import-outside-toplevel
+  from experiments.bench import decode as decode_bench  # pylint: disable=import-outside-toplevel
   batches = [1, 2] if args.dry_run else _csv_ints(args.decode_batches)
   # bench_decode's own ratios name plain 'plt'/'vanilla' runs: ours come from decode_ratios.
   sink.data.update(results=[], modes=list(DECODE_MODES), targets_batch1=dict(decode_bench.TARGETS))

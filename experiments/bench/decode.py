@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.bench import torch_timing
 from plt_jax.config import ModelConfig
 from plt_jax.infer.decode import Decoder, cache_nbytes, kv_cache_bytes
 from plt_jax.model import PLT
@@ -185,7 +186,7 @@ def torch_baseline(weights: Weights, base: ModelConfig, settings, batch: int) ->
     for key, loops, model_class in (('llama_R1', 1, 'llama'), ('plt_R2', 2, 'auto')):
       models[key] = (hf.export_model(weights.model(base.replace(num_loops=loops)), tok,
                                      os.path.join(d, key), dtype=settings.dtype), model_class)
-    timed = hf.torch_generate_timings(models, prompts, settings.steps + 1,
+    timed = torch_timing.torch_generate_timings(models, prompts, settings.steps + 1,
                                       repeats=settings.torch_repeats,
                                       threads=settings.torch_threads, count_ops=True)
   for key, t in timed.items():

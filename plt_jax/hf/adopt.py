@@ -21,6 +21,7 @@ from typing import Any
 
 from plt_jax import fileio
 from plt_jax.hf import convert
+from plt_jax.hf import export
 from plt_jax.hf import importer
 
 CONFIG_CLASS = 'configuration_plt.PLTConfig'
@@ -98,7 +99,6 @@ def check_release_layout(directory) -> dict:
 
 def _configuration_source(model_type: str) -> str:
   """The project's configuration file, declaring the release's model_type."""
-  from plt_jax.hf import export  # pylint: disable=g-import-not-at-top
   src = (fileio.path(export.TORCH_SRC) / convert.CONFIG_FILE).read_text()
   if len(_MODEL_TYPE_LINE.findall(src)) != 1:
     raise AssertionError(f'{convert.CONFIG_FILE}: expected one model_type line')
@@ -116,7 +116,6 @@ def adopted_auto_map(hf: dict) -> dict[str, Any]:
 def adopt_release(directory) -> list[str]:
   """Writes the configuration and modeling files into `directory` and updates config.json's
   auto_map; returns the names of the files it wrote or changed (none on a second run)."""
-  from plt_jax.hf import export  # pylint: disable=g-import-not-at-top
   d = fileio.path(directory)
   hf = check_release_layout(directory)
   files = {

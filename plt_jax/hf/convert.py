@@ -16,7 +16,10 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Mapping, Optional
 
+import jax
+import ml_dtypes
 import numpy as np
+from flax import nnx
 
 from plt_jax.config import ModelConfig
 
@@ -47,7 +50,6 @@ def canonical_dtype(dtype: Any) -> str:
 
 def numpy_dtype(dtype: Any):
   if canonical_dtype(dtype) == 'bfloat16':
-    import ml_dtypes  # pylint: disable=g-import-not-at-top  (ships with jax)
     return ml_dtypes.bfloat16
   return np.float32
 
@@ -97,9 +99,6 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def jax_to_hf_tensors(model, dtype: Any = 'float32') -> dict[str, np.ndarray]:
   """The model's parameters as HF-named host arrays (in file order), cast to `dtype`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
   np_dtype = numpy_dtype(dtype)
   order = list(expected_hf_shapes(model.cfg))
   found = {}

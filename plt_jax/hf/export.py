@@ -8,16 +8,21 @@ and modeling_plt.py (torch + transformers only). R = 1 exports also load as a pl
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
 import re
 import shutil
+import tempfile
 from typing import Any, Optional, Union
 
 import numpy as np
+from safetensors.numpy import save_file
 
+from plt_jax import fileio
 from plt_jax.hf import convert
+from plt_jax.train import checkpoint
 
 DEFAULT_MAX_SHARD_SIZE = '5GB'
 TORCH_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'torch_src')
@@ -41,14 +46,14 @@ def parse_size(size: Union[int, str]) -> int:
 
 
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
-  """Refuses an output path that is a file, or a non-empty directory unless `overwrite`."""
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+  """Refuses an output path that is a file, or a non-empty directory unless `overwrite`
+  (local or a URL)."""
+  if fileio.isfile(out_dir):
     raise FileExistsError(f'output {out_dir!r} exists and is not a directory')
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
-    if not overwrite:
-      raise FileExistsError(f'output directory {out_dir!r} is not empty '
-                            f'({len(os.listdir(out_dir))} entries); pass --overwrite to replace '
-                            'its model files, or choose another --out')
+  entries = fileio.listdir(out_dir) if fileio.isdir(out_dir) else []
+  if entries and not overwrite:
+    raise FileExistsError(f'output directory {out_dir!r} is not empty ({len(entries)} entries); '
+                          'pass --overwrite to replace its model files, or choose another --out')
 
 
 def _remove_stale_weights(out_dir: str) -> None:
@@ -73,8 +78,6 @@ def _save_readable(save_file, tensors, path: str, metadata) -> None:
 def save_safetensors(tensors: dict[str, np.ndarray], out_dir: str,
                      max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
   """model.safetensors, or shards of at most `max_shard_size` bytes plus their index."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-
   limit = parse_size(max_shard_size)
   shards, current, current_bytes = [], {}, 0
   for name, arr in tensors.items():
@@ -109,11 +112,20 @@ def _write_json(path: str, obj: Any) -> None:
 def export_model(model, tokenizer, out_dir: str, *, dtype: Any = 'float32',
                  max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
                  overwrite: bool = False) -> str:
-  """Writes `model` (a plt_jax PLT) and `tokenizer` (plt_jax Tokenizer or None) as an HF directory."""
+  """Writes `model` (a plt_jax PLT) and `tokenizer` (plt_jax Tokenizer or None) as an HF directory
+  (`out_dir` may be a URL: the files are written in a local temporary folder, then uploaded)."""
   cfg = model.cfg
   dtype = convert.canonical_dtype(dtype)
-  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  out_dir = fileio.abspath(out_dir)
   check_output_dir(out_dir, overwrite)
+  if fileio.is_remote(out_dir):
+    with tempfile.TemporaryDirectory(prefix='plt_export_') as local:
+      export_model(model, tokenizer, local, dtype=dtype, max_shard_size=max_shard_size)
+      for name in fileio.listdir(out_dir) if fileio.isdir(out_dir) else []:
+        if any(fnmatch.fnmatch(name, p) for p in _WEIGHT_FILES):  # no stale shard remains
+          (fileio.path(out_dir) / name).unlink()
+      fileio.upload_dir(local, out_dir)
+    return out_dir
   if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f'tokenizer has {tokenizer.vocab_size} tokens but the model only '
                      f'{cfg.vocab_size} embeddings')
@@ -142,13 +154,13 @@ def export_model(model, tokenizer, out_dir: str, *, dtype: Any = 'float32',
 def export_workdir(workdir: str, out_dir: str, *, step: Optional[int] = None,
                    dtype: Any = 'bfloat16', max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
                    overwrite: bool = False, mesh=None) -> str:
-  """Exports a training run's checkpoint (`step`, default the latest complete one)."""
-  workdir = os.path.expanduser(workdir)
+  """Exports a training run's checkpoint (`step`, default the latest complete one); the work
+  dir and the output may be URLs."""
+  workdir = fileio.abspath(workdir)
   convert.canonical_dtype(dtype)  # fail on a bad flag before any work
-  check_output_dir(os.path.abspath(os.path.expanduser(out_dir)), overwrite)
-  if not os.path.isdir(workdir):
+  check_output_dir(fileio.abspath(out_dir), overwrite)
+  if not fileio.isdir(workdir):
     raise FileNotFoundError(f'work dir {workdir!r} does not exist')
-  from plt_jax.train import checkpoint  # pylint: disable=g-import-not-at-top  (lazy: Orbax)
   model, _, tokenizer = checkpoint.load_for_inference(workdir, step=step, mesh=mesh)
   return export_model(model, tokenizer, out_dir, dtype=dtype, max_shard_size=max_shard_size,
                       overwrite=overwrite)

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any, Optional
 
 import jax
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
 
+from plt_jax import fileio
+from plt_jax import presets
 from plt_jax import sharding as sharding_lib
+from plt_jax import tokenizer as tok_lib
 from plt_jax.config import ModelConfig
 from plt_jax.hf import convert
 from plt_jax.model import PLT
+from plt_jax.train import checkpoint as ckpt_lib
+from plt_jax.train import optimizer as opt_lib
 
 INDEX_FILE = 'model.safetensors.index.json'
 SINGLE_FILE = 'model.safetensors'
@@ -38,18 +45,16 @@ def _source_name(name: str, available) -> str:
 
 
 def read_hf_config(directory: str) -> dict:
-  path = os.path.join(directory, 'config.json')
-  if not os.path.isfile(path):
+  path = fileio.join(fileio.abspath(directory), 'config.json')
+  if not fileio.isfile(path):
     raise FileNotFoundError(f'{directory!r} is not a Hugging Face model directory: no config.json')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(fileio.read_text(path))
 
 
 class SafetensorsReader:
   """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint."""
 
   def __init__(self, directory: str):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     self._safe_open = safe_open
     index = os.path.join(directory, INDEX_FILE)
     single = os.path.join(directory, SINGLE_FILE)
@@ -143,10 +148,13 @@ def load_hf_checkpoint(directory: str, mesh=None, dtype: Any = 'float32', *, str
 
   dtype: compute dtype of the JAX model ('float32' | 'bfloat16'; parameters stay float32).
   overrides: further ModelConfig fields (attention_impl, remat, max_seq_len, ...).
-  The tokenizer is loaded when the directory has a tokenizer.json, else None.
+  The tokenizer is loaded when the directory has a tokenizer.json, else None. A URL is copied
+  to a local temporary folder first (safetensors reads local files).
   """
-  from plt_jax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-
+  if fileio.is_remote(directory):
+    with tempfile.TemporaryDirectory(prefix='plt_import_') as local:
+      fileio.download_dir(directory, local)
+      return load_hf_checkpoint(local, mesh, dtype, strict=strict, **overrides)
   directory = os.path.expanduser(directory)
   hf = read_hf_config(directory)
   cfg = convert.model_config_from_hf(hf, dtype=convert.canonical_dtype(dtype), **overrides)
@@ -158,9 +166,9 @@ def load_hf_checkpoint(directory: str, mesh=None, dtype: Any = 'float32', *, str
   finally:
     reader.close()
   model = nnx.merge(graphdef, state)
-  tokenizer: Optional[Tokenizer] = None
+  tokenizer: Optional[tok_lib.Tokenizer] = None
   if os.path.isfile(os.path.join(directory, 'tokenizer.json')):
-    tokenizer = Tokenizer.from_pretrained(directory)
+    tokenizer = tok_lib.Tokenizer.from_pretrained(directory)
   return model, tokenizer
 
 
@@ -173,30 +181,21 @@ def save_as_workdir(model, tokenizer, workdir: str, config, *, source: str = '',
   the parameters (moments at zero, step 0). The grain iterator position is not stored: an
   imported checkpoint starts its data from the beginning. The work dir must not hold a run yet.
   """
-  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from plt_jax.train import optimizer as opt_lib  # pylint: disable=g-import-not-at-top
-  from plt_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = fileio.abspath(workdir)
   if ModelConfig.from_dict(config.model) != model.cfg:
     raise ValueError('config.model does not describe the model being saved')
   for name in (ckpt_lib.CONFIG_FILE, ckpt_lib.CHECKPOINT_DIR, ckpt_lib.TOKENIZER_DIR):
-    if os.path.exists(os.path.join(workdir, name)):
+    if fileio.exists(fileio.join(workdir, name)):
       raise FileExistsError(f'{workdir!r} already holds a run ({name} exists); choose a new '
                             '--workdir')
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   if tokenizer is not None:
-    tok_dir = os.path.join(workdir, ckpt_lib.TOKENIZER_DIR)
-    tokenizer.save_pretrained(tok_dir)
     # What build_tokenizer('hf', path=<source>) expects to find on reuse.
-    meta = {'kind': 'hf', 'path': source, 'vocab_size_actual': tokenizer.vocab_size,
-            'sha256': tokenizer.sha256}
-    with open(os.path.join(tok_dir, getattr(tok_lib, '_META_FILE', 'plt_tokenizer.json')),
-              'w') as f:
-      json.dump(meta, f, indent=2)
+    tok_lib.save_folder(tokenizer, fileio.join(workdir, ckpt_lib.TOKENIZER_DIR),
+                        {'kind': 'hf', 'path': source})
   optimizer = nnx.Optimizer(model, opt_lib.make_optimizer(config.optimizer, config.train.steps),
                             wrt=nnx.Param)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR), async_save=False)
+  ckpt = ckpt_lib.Checkpointer(fileio.join(workdir, ckpt_lib.CHECKPOINT_DIR), async_save=False)
   try:
     ckpt.save(step, nnx.state(model), nnx.state(optimizer), None,
               {'config': config.to_dict(), 'imported_from': source})
@@ -208,19 +207,16 @@ def save_as_workdir(model, tokenizer, workdir: str, config, *, source: str = '',
 
 def import_as_workdir(hf_dir: str, workdir: str, *, preset: str = 'default', dtype=None) -> str:
   """Loads `hf_dir` and saves it as a training work dir; returns the work dir."""
-  from plt_jax import hf  # pylint: disable=g-import-not-at-top
-  from plt_jax import presets  # pylint: disable=g-import-not-at-top
-
-  hf_cfg = hf.read_hf_config(os.path.expanduser(hf_dir))
+  hf_dir = fileio.abspath(hf_dir)
+  hf_cfg = read_hf_config(hf_dir)
   config = presets.get_config(preset, num_loops=int(hf_cfg.get('plt_num_loops') or 1))
   runtime = {k: config.model[k] for k in ('dtype', 'remat', 'attention_impl')}
   if dtype is not None:
-    runtime['dtype'] = hf.convert.canonical_dtype(dtype)
-  model, tokenizer = hf.load_hf_checkpoint(hf_dir, **runtime)
+    runtime['dtype'] = convert.canonical_dtype(dtype)
+  model, tokenizer = load_hf_checkpoint(hf_dir, **runtime)
   config.model = model.cfg.to_dict()
   config.train.vocab_from_tokenizer = False  # the checkpoint fixes the vocabulary
   if tokenizer is not None:
     config.data.tokenizer = 'hf'
-    config.data.tokenizer_path = os.path.abspath(os.path.expanduser(hf_dir))
-  return hf.importer.save_as_workdir(model, tokenizer, workdir, config,
-                                     source=os.path.abspath(os.path.expanduser(hf_dir)))
+    config.data.tokenizer_path = hf_dir
+  return save_as_workdir(model, tokenizer, workdir, config, source=hf_dir)
