@@ -196,6 +196,15 @@ def _first_evaluation(evaluator: Evaluator, state, start_step: int, at_start: bo
   return None
 
 
+def _program(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh):
+  """(the compiled Program, the normalised per-loop loss weights or None)."""
+  t = config.train
+  loop_weights = normalized_loop_weights(t.get('loop_loss_weights', ()), model_cfg.num_loops)
+  program = Program.get(model_cfg, config.optimizer, t.steps, mesh, grad_accum=t.grad_accum,
+                        loop_weights=loop_weights)
+  return program, loop_weights
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns a summary of the run and its outputs.
 
@@ -216,9 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model_cfg = _model_config(config, data.tokenizer)
   config_path = _check_saved_config(config, workdir, say)
   t = config.train
-  loop_weights = normalized_loop_weights(t.get('loop_loss_weights', ()), model_cfg.num_loops)
-  program = Program.get(model_cfg, config.optimizer, t.steps, mesh, grad_accum=t.grad_accum,
-                        loop_weights=loop_weights)
+  program, loop_weights = _program(config, model_cfg, mesh)
   end_step = t.steps if t.stop_at_step < 0 else min(t.steps, t.stop_at_step)
 
   with contextlib.ExitStack() as cleanup:

@@ -508,6 +508,40 @@ def _sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
   return position_ids != prev + 1
 
 
+def _positions(position_ids, valid, has_cache: bool, bsz: int, p: int, t: int, device):
+  """(position ids [B, T], where a sequence starts (no CLP shift into it), packed segment ids or
+  None). Without position ids they count the valid keys (or p..p+T-1); given ids that restart at 0
+  inside a row mark packed sequences, each attending to itself only."""
+  segments = None
+  if position_ids is None:
+    if valid is not None:
+      position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)[:, p:]
+    else:
+      position_ids = torch.arange(p, p + t, device=device)[None].expand(bsz, t)
+    starts = position_ids == 0
+  else:
+    position_ids = position_ids.to(device)
+    if position_ids.dim() == 1:
+      position_ids = position_ids[None]
+    position_ids = position_ids.expand(bsz, t)
+    starts = position_ids == 0
+    if t > 1:
+      restarts = _sequence_starts(position_ids)
+      if p == 0:  # packed sequences: each attends to itself and starts its own CLP shift
+        segments = restarts.long().cumsum(-1)
+        starts = starts | restarts
+      elif not _tracing() and bool(restarts[:, 1:].any()):
+        raise ValueError("PLT: position_ids restart inside a chunk that continues a cache; "
+                         "packed sequences are supported in calls without a cache only")
+  if not has_cache and t == 1 and not _tracing() and bool((position_ids > 0).any()):
+    raise ValueError(
+        f"PLT: one token at position {int(position_ids.max())} with no cache: its loops need the "
+        "cached keys, values and hidden states of the tokens before it. Pass the cache returned "
+        "by the previous call (as `past_key_values`, or `cache` from transformers 5.24 on), or "
+        "the whole sequence with use_cache=False.")
+  return position_ids, starts, segments
+
+
 def _tupled(output, return_dict: bool):
   return output if return_dict else output.to_tuple()
 
@@ -587,6 +621,41 @@ class PLTModel(PLTPreTrainedModel):
     masks.ring = ring[:, None, None, :]
     return masks
 
+  def _sequential_loops(self, e, rope, cache, masks, keep_shift, p: int,
+                        all_hidden: Optional[list], all_attn: Optional[list]) -> torch.Tensor:
+    """Loops 1..R one after another over every token (prefill, training, and decoding when rows
+    cannot be batched); appends each layer's input and output to `all_hidden` and the attention
+    probabilities to `all_attn` where those are lists. Returns h_R."""
+    c = self.config
+    x = h = e
+    hidden_next = []
+    for r in range(c.plt_num_loops):
+      if r > 0:
+        if c.plt_loop_mode == "vanilla":
+          x = h
+        else:
+          hn = self._between_loops(h)
+          if p > 0:
+            prev = cache.hidden[:, r - 1:r].to(hn.device, hn.dtype)
+          else:
+            prev = torch.zeros_like(hn[:, :1])
+          x = self._clp(e, torch.cat([prev, hn[:, :-1]], dim=1), keep_shift)
+          hidden_next.append(hn[:, -1:])
+      # loop 1 and vanilla loops: causal over their own keys; later PLT loops: G-SWA
+      mode = "gswa" if r > 0 and c.plt_uses_gswa else "causal"
+      if all_hidden is not None:
+        all_hidden.append(x)
+      for layer in self.layers:
+        x, probs = layer(x, rope, cache, r, mode, masks, want_probs=all_attn is not None)
+        if all_hidden is not None:
+          all_hidden.append(x)
+        if all_attn is not None:
+          all_attn.append(probs)
+      h = x
+    if hidden_next:
+      cache.hidden = torch.cat(hidden_next, dim=1)
+    return h
+
   def forward(self, input_ids: Optional[torch.LongTensor] = None,
               attention_mask: Optional[torch.Tensor] = None,
               position_ids: Optional[torch.LongTensor] = None,
@@ -615,33 +684,8 @@ class PLTModel(PLTPreTrainedModel):
     if given is not None and given.batch_size not in (None, bsz):
       raise ValueError(f"PLT: the cache holds {given.batch_size} sequences, this call {bsz}")
     valid = _key_validity(attention_mask, bsz, p, t, given is not None, dev)
-    segments = None
-    if position_ids is None:
-      if valid is not None:
-        position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)[:, p:]
-      else:
-        position_ids = torch.arange(p, p + t, device=dev)[None].expand(bsz, t)
-      starts = position_ids == 0
-    else:
-      position_ids = position_ids.to(dev)
-      if position_ids.dim() == 1:
-        position_ids = position_ids[None]
-      position_ids = position_ids.expand(bsz, t)
-      starts = position_ids == 0
-      if t > 1:
-        restarts = _sequence_starts(position_ids)
-        if p == 0:  # packed sequences: each attends to itself and starts its own CLP shift
-          segments = restarts.long().cumsum(-1)
-          starts = starts | restarts
-        elif not _tracing() and bool(restarts[:, 1:].any()):
-          raise ValueError("PLT: position_ids restart inside a chunk that continues a cache; "
-                           "packed sequences are supported in calls without a cache only")
-    if given is None and t == 1 and not _tracing() and bool((position_ids > 0).any()):
-      raise ValueError(
-          f"PLT: one token at position {int(position_ids.max())} with no cache: its loops need the "
-          "cached keys, values and hidden states of the tokens before it. Pass the cache returned "
-          "by the previous call (as `past_key_values`, or `cache` from transformers 5.24 on), or "
-          "the whole sequence with use_cache=False.")
+    position_ids, starts, segments = _positions(position_ids, valid, given is not None, bsz, p, t,
+                                                dev)
     cache = given if given is not None else PLTCache(c)
     rope = Rope(position_ids, c.head_dim, c.rope_theta)
     keep_shift = ~starts
@@ -659,32 +703,9 @@ class PLTModel(PLTPreTrainedModel):
       cache.hidden = self._between_loops(x[:, :r_total - 1])
       h = x[:, r_total - 1:]
     else:
-      x, hidden_next = e, []
-      for r in range(r_total):
-        if r > 0:
-          if c.plt_loop_mode == "vanilla":
-            x = h
-          else:
-            hn = self._between_loops(h)
-            if p > 0:
-              prev = cache.hidden[:, r - 1:r].to(hn.device, hn.dtype)
-            else:
-              prev = torch.zeros_like(hn[:, :1])
-            x = self._clp(e, torch.cat([prev, hn[:, :-1]], dim=1), keep_shift)
-            hidden_next.append(hn[:, -1:])
-        # loop 1 and vanilla loops: causal over their own keys; later PLT loops: G-SWA
-        mode = "gswa" if r > 0 and c.plt_uses_gswa else "causal"
-        if output_hidden_states:
-          all_hidden.append(x)
-        for layer in self.layers:
-          x, probs = layer(x, rope, cache, r, mode, masks, want_probs=output_attentions)
-          if output_hidden_states:
-            all_hidden.append(x)
-          if output_attentions:
-            all_attn.append(probs)
-        h = x
-      if hidden_next:
-        cache.hidden = torch.cat(hidden_next, dim=1)
+      h = self._sequential_loops(e, rope, cache, masks, keep_shift, p,
+                                 all_hidden if output_hidden_states else None,
+                                 all_attn if output_attentions else None)
     cache.seq_len = p + t
     cache.batch_size = bsz
     last = self.norm(h)
