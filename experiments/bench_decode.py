@@ -32,6 +32,10 @@ def parse_args(argv=None):
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   p.add_argument('--gate_mode', default='hidden', choices=['hidden', 'query'])
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--exit_rules', default='',
+                 help='adaptive-exit rules timed beside the plt mode at R > 1, e.g. '
+                      'confidence:1e-9,confidence:0.999999 (every token exits at loop 1 / almost '
+                      'none does: the best and the worst case)')
   p.add_argument('--out', default=None, help='write the results as JSON here')
   p.add_argument('--torch_baseline', action='store_true',
                  help="also time PyTorch generate() on the same weights: the exported PLT R=2 "

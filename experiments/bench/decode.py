@@ -29,6 +29,7 @@ import platform
 import statistics
 import time
 import zlib
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.bench import torch_timing
+from plt_jax import loop_exit
 from plt_jax.config import ModelConfig
 from plt_jax.infer.decode import Decoder, cache_nbytes, kv_cache_bytes
 from plt_jax.model import PLT
@@ -100,8 +102,9 @@ class Run:
   """One (mode, R, batch) configuration: its decoder, live cache and measurements."""
 
   def __init__(self, weights: Weights, base: ModelConfig, mode: str, loops: int, batch: int,
-               settings, max_len: int):
+               settings, max_len: int, rule: Optional[str] = None):
     self.mode, self.loops, self.batch = mode, loops, batch
+    self.rule = loop_exit.ExitRule.parse(rule) if rule else None
     mode_rows, _, attention = mode.partition('+')
     loop_mode, _, row_matmul = mode_rows.partition('_')
     self.cfg = base.replace(loop_mode=loop_mode, num_loops=loops)
@@ -116,11 +119,13 @@ class Run:
                     for _ in range(batch)]
     self.step_times: list[float] = []
     self.result: dict = {'mode': mode, 'R': loops, 'batch': batch, 'row_matmul': self.row_matmul,
-                         'attention': self.attention}
+                         'attention': self.attention, 'exit': str(self.rule or '')}
+    self.rows_run: list[int] = []
+    self.loops_used: list[float] = []
 
   @property
   def name(self) -> str:
-    return f'{self.mode}_R{self.loops}'
+    return f'{self.mode}_R{self.loops}' + (f'@{self.rule}' if self.rule else '')
 
   def prefill(self, reps: int):
     t0 = time.perf_counter()
@@ -144,6 +149,12 @@ class Run:
                        kv_breakdown={k: measured[k] for k in ('kv_full', 'kv_window', 'hidden')})
     # Compile the step ahead of time once, and step with that executable (cache still donated).
     t0 = time.perf_counter()
+    if self.rule is not None:   # the adaptive-exit step, compiled on its first call
+      logp, _, _, self.cache = self.decoder.exit_step(self.cache, self.tok, self.rule)
+      self.tok = _argmax(logp)
+      self.tok.block_until_ready()
+      self.result['step_compile_s'] = time.perf_counter() - t0
+      return
     self.step_fn = self.decoder.compile_step(self.cache, self.tok)
     self.result['step_compile_s'] = time.perf_counter() - t0
     stats = self.step_fn.memory_analysis()
@@ -154,11 +165,17 @@ class Run:
   def steps(self, n: int, record: bool):
     for _ in range(n):
       t0 = time.perf_counter()
-      logits, self.cache = self.step_fn(self.decoder.state, self.cache, self.tok)
+      if self.rule is None:
+        logits, self.cache = self.step_fn(self.decoder.state, self.cache, self.tok)
+      else:
+        logits, exits, rows, self.cache = self.decoder.exit_step(self.cache, self.tok, self.rule)
       self.tok = _argmax(logits)
       self.tok.block_until_ready()
       if record:
         self.step_times.append(time.perf_counter() - t0)
+        if self.rule is not None:
+          self.rows_run.append(int(rows))
+          self.loops_used.append(float(np.mean(np.asarray(exits) + 1)))
 
   def finish(self):
     t = np.asarray(self.step_times)
@@ -166,6 +183,9 @@ class Run:
                        step_p10_ms=float(np.percentile(t, 10) * 1e3),
                        step_p90_ms=float(np.percentile(t, 90) * 1e3), steps_measured=len(t),
                        tokens_per_s=float(self.batch / np.median(t)))
+    if self.rule is not None:
+      self.result.update(mean_rows=float(np.mean(self.rows_run)),
+                         mean_loops=float(np.mean(self.loops_used)))
     del self.cache
     return self.result
 
@@ -209,6 +229,10 @@ def _fmt_bytes(n: int) -> str:
   return str(n)
 
 
+def _exit_rules(settings) -> list[str]:
+  return [x for x in (getattr(settings, 'exit_rules', '') or '').split(',') if x]
+
+
 def run(settings) -> dict:
   """Every (mode, R) per batch size, interleaved; prints the table, returns the results.
 
@@ -240,6 +264,9 @@ def run(settings) -> dict:
         if same not in seen:
           seen.add(same)
           runs.append(run_)
+        if m == 'plt' and r > 1:   # adaptive exit beside the plain step it changes
+          runs += [Run(weights, base, m, r, batch, settings, max_len, rule=rule)
+                   for rule in _exit_rules(settings)]
     for r in runs:
       r.prefill(settings.prefill_reps)
       r.steps(settings.warmup, record=False)
@@ -254,6 +281,7 @@ def run(settings) -> dict:
     for p in (m for m in modes if m.startswith('plt')):
       pairs += [(f'{p}_R{r}', 'plt_R1') for r in (2, 3, 4)]
       pairs += [(f'{p}_R{r}', f'vanilla_R{r}') for r in (2, 3, 4)]
+    pairs += [(n, n.split('@')[0]) for n in by_name if '@' in n]
     for a, b in pairs:
       if a in by_name and b in by_name:
         ratios[f'{a}/{b}'] = by_name[a]['step_ms'] / by_name[b]['step_ms']
@@ -287,7 +315,9 @@ def print_table(out: dict) -> None:
           f'{r["step_p10_ms"]:>7.2f}-{r["step_p90_ms"]:<7.2f} {r["tokens_per_s"]:>8.1f} '
           f'{r["prefill_s"]:>9.3f} {_fmt_bytes(r["kv_bytes"]):>11} '
           f'{str(r["kv_bytes"] == r["kv_bytes_formula"]):>9} '
-          f'{_fmt_bytes(r.get("step_temp_bytes", 0)):>10}')
+          f'{_fmt_bytes(r.get("step_temp_bytes", 0)):>10}'
+          + (f'  exit {r["exit"]}: {r["mean_loops"]:.2f} loops/token, {r["mean_rows"]:.2f} rows/step'
+             if r.get('exit') else ''))
   for batch, ratios in out['ratios'].items():
     print(f'\n{batch} latency ratios: ' + ', '.join(f'{k} {v:.2f}' for k, v in ratios.items()))
   for tb in out.get('torch_baseline', []):
