@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, CPU):
 #   make train   installs into .venv and runs the main job on its embedded default
 #   make test    installs into .venv (with the PyTorch side) and runs the test suite
+#                (tests/, unit, and tests/integration/: training runs, sweeps, notebooks, the wheel,
+#                fresh processes); `make test-unit` runs the unit tests alone
 # Both install the tested package set in locks/py<X.Y>.txt; `make lock` regenerates it.
 PYTHON ?= python3
 VENV ?= .venv
@@ -36,6 +38,9 @@ train: install
 test: install sysdeps
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
+test-unit: install sysdeps
+	$(PY) -m pytest -q -n 2 --durations=10 --ignore=tests/integration tests
+
 # Regenerate the locks from today's newest releases (3.12 where a python3.12 exists), then run
 # `make test` on the new lock before committing it.
 PYTHON312 ?= $(shell command -v python3.12 || ls $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 2>/dev/null | head -n 1)
@@ -43,4 +48,4 @@ lock:
 	tools/lock.sh $(PYTHON)
 	@if [ -n "$(PYTHON312)" ]; then tools/lock.sh $(PYTHON312); else echo "python3.12 not found: locks/py3.12.txt left as it is"; fi
 
-.PHONY: install sysdeps train test lock
+.PHONY: install sysdeps train test test-unit lock

@@ -1,4 +1,6 @@
-"""Test setup: 8 fake CPU devices (for sharding tests), float32 matmuls, the repo on sys.path."""
+"""Test setup for tests/ and tests/integration/: 8 fake CPU devices (for sharding tests), float32
+matmuls, the repo and tests/ (helpers.py) on sys.path; the Cloud Storage emulator and a trained
+run, shared by the session."""
 import json
 import os
 import sys
@@ -8,6 +10,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers.py
 
 import jax  # noqa: E402
 
@@ -120,3 +123,20 @@ def gcs_bucket(gcs_server):
     for proto in ('gs', 'gcs'):
       fsspec.config.conf.get(proto, {}).pop('token', None)
     epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
+@pytest.fixture
+def prefix(gcs_bucket, request):
+  """A fresh gs:// prefix for one test."""
+  return f'{gcs_bucket}/{request.node.name}-{time.time_ns()}'
+
+
+# ------------------------------------------------------------------ a trained run
+
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory):
+  """(workdir, summary) of helpers.train_tiny_run: a tiny R=2 model trained for 2 steps by the
+  real trainer, in its work-dir layout. Trained once per session (per xdist worker); tests
+  read it and write only under its eval/ folder."""
+  import helpers  # pylint: disable=import-outside-toplevel
+  return helpers.train_tiny_run(str(tmp_path_factory.mktemp('trained_run')))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import tiny_model_config
 from plt_jax import attention as attn
 from plt_jax.config import ModelConfig
 from plt_jax.model import PLT
@@ -137,9 +138,7 @@ def test_block_size_and_backend():
 @pytest.mark.parametrize('loops', [1, 2])
 def test_model_with_blockwise_equals_the_reference_model(loops):
   """Whole-model logits and parameter gradients (packed documents): blockwise == xla."""
-  cfg = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    ffn_dim=48, window_size=5, num_loops=loops, rope_theta=10_000.0,
-                    attention_impl='xla')
+  cfg = tiny_model_config(num_layers=2, num_loops=loops, attention_impl='xla')
   b, s = 2, 37
   rng = np.random.default_rng(7 + loops)
   tok = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, s)), jnp.int32)

@@ -7,7 +7,6 @@ randomised, so a gating or shift bug cannot hide behind zero-initialised weights
 import functools
 import json
 import shutil
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -15,67 +14,29 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import DECODE_COMPILER_OPTIONS, DECODE_MAX_LEN, DECODE_MODEL, cached_decoder
+from helpers import decode_model, decode_sequences, tiny_model_config
 from plt_jax import attention as attn
 from plt_jax.infer import decode
-from plt_jax.config import ModelConfig
 from plt_jax.infer.decode import Decoder, cache_nbytes, init_cache, kv_cache_bytes
 from plt_jax.infer.generate import Generator, SamplingParams, sample_logits
-from plt_jax.model import PLT, with_num_loops
+from plt_jax.model import with_num_loops
 from plt_jax.runtime import Runtime
 
-TINY = dict(vocab_size=97, d_model=48, num_layers=2, num_heads=6, num_kv_heads=2, ffn_dim=80,
-            window_size=3, rope_theta=10_000.0, max_seq_len=64)
+TINY = DECODE_MODEL
 W = TINY['window_size']
 needs_cpu_kernel = pytest.mark.skipif(
     jax.default_backend() != 'cpu' or not (shutil.which('g++') or shutil.which('c++')),
     reason='kernels/cpu_rows.py builds with a C++ compiler, for the CPU backend')
-MAX_LEN = 19                      # cache slots; also the reference sequence length
+MAX_LEN = DECODE_MAX_LEN          # cache slots; also the reference sequence length
 LENGTHS = (1, 3, 4, 11)           # prompts below, at, just past and far beyond W = 3
-FAST = {'xla_backend_optimization_level': 0}   # compile time dominates these tests
+FAST = DECODE_COMPILER_OPTIONS
 TOL = 1e-4
-
-
-def _random_param(name: str, shape) -> np.ndarray:
-  """Random but well-conditioned weights, drawn with numpy (no per-shape compiles) and keyed by
-  the parameter's name, so models of different R share every weight they have in common.
-
-  Projections ~ N(0, 1/fan_in), norms 1 + N(0, 0.3^2), gate weights and biases far from zero
-  (gates spread over (0, 1) instead of sitting at their init value 0.5).
-  """
-  rng = np.random.default_rng(zlib.crc32(f'{name}{shape}'.encode()))
-  z = rng.standard_normal(shape).astype(np.float32)
-  if 'plt_gate' in name and 'gate_norm' not in name:
-    return 0.3 * z if 'weight' in name else z
-  if 'kernel' in name:
-    return z / np.sqrt(shape[0])
-  if 'embedding' in name:
-    return z
-  return 1.0 + 0.3 * z  # RMSNorm weights
-
-
-@functools.lru_cache(maxsize=None)
-def make(num_loops, loop_mode='plt', gate_mode='hidden', normalize=True):
-  cfg = ModelConfig(**TINY, num_loops=num_loops, loop_mode=loop_mode, gate_mode=gate_mode,
-                    normalize_per_loop=normalize)
-  model = nnx.eval_shape(lambda: PLT(cfg, nnx.Rngs(0)))
-  state = nnx.state(model)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-  leaves = [jnp.asarray(_random_param(jax.tree_util.keystr(p), leaf.shape)) for p, leaf in flat]
-  nnx.update(model, jax.tree.unflatten(treedef, leaves))
-  return model
-
-
-@functools.lru_cache(maxsize=None)
-def decoder(*key):
-  """key: make()'s arguments, optionally followed by the step's row_matmul and attention."""
-  row_matmul = key[4] if len(key) > 4 else 'auto'
-  attention = key[5] if len(key) > 5 else 'auto'
-  return Decoder(make(*key[:4]), MAX_LEN, compiler_options=FAST, row_matmul=row_matmul,
-                 attention=attention)
+make, decoder = decode_model, cached_decoder
 
 
 def sequences(batch=len(LENGTHS), seed=1):
-  return np.asarray(jax.random.randint(jax.random.key(seed), (batch, MAX_LEN), 0, 97))
+  return decode_sequences(batch, seed)
 
 
 def reference_logits(dec, rows):
@@ -320,7 +281,7 @@ def test_cache_bytes_match_plt_md_formula():
   for r in (2, 3, 4):
     assert measured[(r, 'vanilla')] == r * measured[(1, 'vanilla')]
   # bfloat16 halves everything.
-  bf = ModelConfig(**TINY, num_loops=4, dtype='bfloat16')
+  bf = tiny_model_config(**TINY, num_loops=4, dtype='bfloat16')
   assert cache_nbytes(init_cache(bf, 3, 7)) == kv_cache_bytes(bf, 3, 7)
   f32 = bf.replace(dtype='float32')
   assert kv_cache_bytes(bf, 3, 7)['kv_total'] * 2 == kv_cache_bytes(f32, 3, 7)['kv_total']

@@ -14,12 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import DECODE_COMPILER_OPTIONS as FAST
+from helpers import DECODE_MAX_LEN as MAX_LEN
+from helpers import DECODE_MODEL
+from helpers import cached_decoder as decoder
+from helpers import decode_model as make
+from helpers import decode_sequences as sequences
 from plt_jax import loop_exit
 from plt_jax.infer.decode import Decoder
 from plt_jax.infer.generate import Generator
 from plt_jax.model import with_num_loops
-from test_decode import FAST, MAX_LEN, W, decoder, make, sequences
 
+W = DECODE_MODEL['window_size']
 PROMPT_LENS = (1, 2, 5, 9)      # below, at and past the window
 STEPS = 8
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from plt_jax.study import diagnostics as dg
-from plt_jax.config import ModelConfig
+from helpers import tiny_model_config
 from plt_jax.model import PLT
 
 
@@ -69,8 +69,7 @@ def test_true_token_rank():
   assert dg.true_token_rank(logits, jnp.asarray([[2]]))[0, 0] == 2
 
 
-CFG = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
-           window_size=3)
+CFG = dict(vocab_size=61, num_layers=2, window_size=3)  # over helpers.TINY_MODEL
 
 
 def _batches(n=2, b=2, s=17, seed=0):
@@ -86,7 +85,7 @@ def _batches(n=2, b=2, s=17, seed=0):
 
 
 def test_fresh_model_gate_is_half():
-  model = PLT(ModelConfig(**CFG, num_loops=3), nnx.Rngs(0))
+  model = PLT(tiny_model_config(**CFG, num_loops=3), nnx.Rngs(0))
   res = dg.diagnose(model, _batches(n=1))
   gates = np.asarray(res['gate'])
   assert np.isnan(gates[0]).all()
@@ -94,7 +93,7 @@ def test_fresh_model_gate_is_half():
 
 
 def _train_tiny(num_loops, loop_mode, steps=30):
-  model = PLT(ModelConfig(**CFG, num_loops=num_loops, loop_mode=loop_mode), nnx.Rngs(1))
+  model = PLT(tiny_model_config(**CFG, num_loops=num_loops, loop_mode=loop_mode), nnx.Rngs(1))
   opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
   batch = {k: jnp.asarray(v) for k, v in _batches(n=1, seed=5)[0].items()}
 
@@ -143,7 +142,7 @@ def test_trained_model_metrics_finite_and_shaped(num_loops, loop_mode, tmp_path)
 def test_last_loop_lens_nll_is_the_training_loss():
   """The logit lens of loop R reads the model's own logits: its NLL is the training loss."""
   from plt_jax import train
-  model = PLT(ModelConfig(**CFG, num_loops=2), nnx.Rngs(3))
+  model = PLT(tiny_model_config(**CFG, num_loops=2), nnx.Rngs(3))
   batches = _batches(n=2, seed=4)
   sums = dg.accumulate(model, batches)
   nats = sum(float(train.loss_sums(model, {k: jnp.asarray(v) for k, v in b.items()})[0])

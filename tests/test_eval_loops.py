@@ -5,17 +5,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from plt_jax.config import ModelConfig
+from helpers import tiny_model_config
 from plt_jax.evaluation import loops as loops_lib
 from plt_jax.loop_exit import ExitRule
 from plt_jax.model import PLT, with_num_loops
 
-CFG = dict(vocab_size=23, d_model=24, num_layers=1, num_heads=3, num_kv_heads=1, ffn_dim=40,
-           window_size=4, max_seq_len=64, attention_impl='xla')
+# Over helpers.TINY_MODEL: 3 heads of width 8 over 1 kv head, vocab 23.
+CFG = dict(vocab_size=23, d_model=24, num_heads=3, num_kv_heads=1, ffn_dim=40, window_size=4,
+           attention_impl='xla')
 
 
 def random_model(num_loops, seed=0):
-  model = PLT(ModelConfig(**CFG, num_loops=num_loops), nnx.Rngs(seed))
+  model = PLT(tiny_model_config(**CFG, num_loops=num_loops), nnx.Rngs(seed))
   # Gates away from their zero init, so every loop reads both branches differently.
   for layer in model.layers:
     g = layer.self_attn.plt_gate

@@ -1,5 +1,6 @@
 """Evaluation: the sandbox against adversarial programs, pass@k, HumanEval ground truth, resume,
-perplexity byte accounting, and the `experiments.evaluate` command on a tiny trained run.
+perplexity byte accounting. The `experiments.evaluate` command on a tiny trained run is tested in
+tests/integration/test_evaluate_runs.py.
 
 The adversarial programs run together on one worker pool (module fixture), so their 2-3 s
 timeouts overlap. Every sandbox runs under a fresh throwaway uid when the tests run as root; the
@@ -10,7 +11,6 @@ import json
 import math
 import os
 import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -24,7 +24,6 @@ from plt_jax.evaluation import humaneval, passk, perplexity, sandbox
 pytestmark = pytest.mark.skipif(not sys.platform.startswith('linux'),
                                 reason='the sandbox is Linux-only')
 ROOT = os.geteuid() == 0
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _have_humaneval():
@@ -455,20 +454,13 @@ def test_bits_per_byte_counts_exactly_the_scored_bytes(byte_tok, bpe_tok):
 @pytest.fixture(scope='module')
 def tiny_model(byte_tok):
   """A random R=2 PLT over the byte vocabulary; parameters set from numpy (no eager init)."""
-  import jax
-  import jax.numpy as jnp
   from flax import nnx
-  from plt_jax.config import ModelConfig
+  from helpers import random_params, tiny_model_config
   from plt_jax.model import PLT
-  cfg = ModelConfig(vocab_size=byte_tok.vocab_size, d_model=32, num_layers=1, num_heads=2,
-                    num_kv_heads=1, ffn_dim=48, window_size=3, max_seq_len=96)
+  cfg = tiny_model_config(vocab_size=byte_tok.vocab_size, num_heads=2, num_kv_heads=1,
+                          window_size=3, max_seq_len=96)
   model = nnx.eval_shape(lambda: PLT(cfg, nnx.Rngs(0)))
-  flat, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(model))
-  rng = np.random.default_rng(3)
-  leaves = [jnp.asarray((1.0 if 'norm' in jax.tree_util.keystr(p) else 0.0)
-                        + 0.3 * rng.standard_normal(leaf.shape), jnp.float32)
-            for p, leaf in flat]
-  nnx.update(model, jax.tree.unflatten(treedef, leaves))
+  nnx.update(model, random_params(model, seed=3))
   return model
 
 
@@ -506,100 +498,3 @@ def test_model_generate_fn_decodes_with_the_generator(tiny_model, byte_tok):
   # Early exit: a stop sequence every text contains ends generation after the first token.
   first = humaneval.model_generate_fn(tiny_model, byte_tok, max_new_tokens=6, stop=('',))
   assert first(prompts) == [byte_tok.decode(t[:1]) for t in ref.tokens]
-
-
-# ------------------------------------------------------------------------- end to end
-
-@pytest.fixture(scope='module')
-def trained_run(tmp_path_factory):
-  """A tiny R=2 model trained for 2 steps by the real trainer, in its work-dir layout."""
-  pytest.importorskip('plt_jax.train')
-  from configs import r2
-  from plt_jax import train
-  root = tmp_path_factory.mktemp('e2e')
-  corpus = root / 'corpus'
-  corpus.mkdir()
-  for i in range(10):
-    (corpus / f'm{i}.py').write_text(textwrap.dedent(f'''
-        def add_{i}(a, b):
-            """Return a + b + {i}."""
-            return a + b + {i}  # ✓
-        ''') * 3, encoding='utf-8')
-  cfg = r2.get_config('default')
-  cfg.model.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, ffn_dim=64,
-                   max_seq_len=512, window_size=8)
-  cfg.data.update(source='files', paths=(str(corpus / '*.py'),), tokenizer='byte',
-                  val_fraction=0.3, max_chars=0, read_threads=0, prefetch=2, val_batches=2)
-  cfg.train.update(steps=2, batch_size=8, seq_len=64, progress=False)
-  cfg.eval.update(every=2, at_start=False)
-  cfg.checkpoint.update(every=2, async_save=False)
-  cfg.mesh.num_devices = 1
-  workdir = str(root / 'run')
-  summary = train.train_and_evaluate(cfg, workdir)
-  return workdir, summary
-
-
-def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  p = subprocess.run([sys.executable, '-m', 'experiments.evaluate', *args, '--progress=false'],
-                     cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0, p.stderr[-3000:]
-  return p.stdout
-
-
-@pytest.mark.slow
-@needs_data
-def test_cli_humaneval_on_a_trained_run(trained_run):
-  workdir, _ = trained_run
-  out = _cli(f'--workdir={workdir}', '--suite=humaneval', '--limit=3', '--max_new_tokens=16',
-             '--batch_size=3', '--timeout=20')
-  assert 'pass@1' in out
-  d = os.path.join(workdir, 'eval', 'humaneval-step2-n1-t0')
-  recs = [json.loads(x) for x in open(os.path.join(d, 'samples.jsonl'))]
-  assert [r['task_id'] for r in recs] == ['HumanEval/0', 'HumanEval/1', 'HumanEval/2']
-  assert all(len(r['completions']) == 1 and len(r['results']) == 1 for r in recs)
-  for r in recs:  # completions are truncated at the stop sequences
-    assert humaneval.truncate(r['completions'][0]) == r['completions'][0]
-  s = json.load(open(os.path.join(d, 'summary.json')))
-  assert s['problems'] == 3 and s['samples'] == 3 and 0.0 <= s['pass@1'] <= 1.0
-  assert s['meta']['model']['step'] == 2 and s['meta']['model']['num_loops'] == 2
-  if ROOT:
-    assert s['isolation']['throwaway_uid'] is True
-  assert s['isolation']['missing'] == [] and s['isolation']['verdict'] == 'judge'
-  # A second run finds every problem done and generates nothing new.
-  mtime = os.path.getmtime(os.path.join(d, 'samples.jsonl'))
-  _cli(f'--workdir={workdir}', '--suite=humaneval', '--limit=3', '--max_new_tokens=16',
-       '--batch_size=3', '--timeout=20')
-  assert os.path.getmtime(os.path.join(d, 'samples.jsonl')) == mtime
-  assert len(open(os.path.join(d, 'samples.jsonl')).read().splitlines()) == 3
-
-
-@pytest.mark.slow
-def test_perplexity_on_the_validation_split_matches_the_trainer(trained_run):
-  workdir, summary = trained_run
-  from plt_jax.evaluation import runner as evaluate
-  s = evaluate.run('perplexity', workdir=workdir, progress=False)
-  val = [json.loads(x) for x in open(os.path.join(workdir, 'metrics.jsonl'))
-         if json.loads(x).get('split') == 'val'][-1]
-  assert s['nats_per_token'] == pytest.approx(summary['final_val_loss'], rel=1e-5)
-  assert s['bits_per_byte'] == pytest.approx(val['bits_per_byte'], rel=1e-5)
-  assert s['tokens'] == s['data_stats']['val_eval_tokens']
-  assert s['bytes'] == s['data_stats']['val_eval_bytes'] and s['byte_counts_agree']
-  # The whole split: bytes are the validation documents' own UTF-8 bytes (byte tokenizer).
-  full = evaluate.run('perplexity', workdir=workdir, eval_batches=0, progress=False)
-  assert full['bytes'] == full['data_stats']['val_bytes']
-  assert full['tokens'] == full['data_stats']['val_tokens'] + full['data_stats']['val_docs']
-  assert os.path.isfile(full['out_path'])
-
-
-@pytest.mark.slow
-def test_an_exported_hf_checkpoint_scores_the_same(trained_run, tmp_path):
-  pytest.importorskip('safetensors')
-  from plt_jax.evaluation import runner as evaluate
-  from plt_jax.hf import export_workdir
-  workdir, summary = trained_run
-  hf_dir = export_workdir(workdir, str(tmp_path / 'hf'), dtype='float32')
-  s = evaluate.run('perplexity', hf_dir=hf_dir, workdir=workdir, out_dir=str(tmp_path),
-                   progress=False)
-  assert s['model']['source'] == 'hf'
-  assert s['nats_per_token'] == pytest.approx(summary['final_val_loss'], rel=1e-5)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import random_params, tiny_model_config
 from plt_jax import attention as attn
-from plt_jax.config import ModelConfig
 from plt_jax.model import PLT
 from plt_jax.runtime import Runtime
 from plt_jax.kernels import cudnn, gswa_tpu, gswa_triton, ops
@@ -257,10 +257,9 @@ def test_backends_and_cudnn_baseline():
 # ------------------------------------------------------------------------------------------------
 def test_model_drop_in():
   """attention_impl='pallas' (interpret mode): the whole model's loss and gradients equal XLA's."""
-  base = dict(vocab_size=61, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=48,
-              window_size=5, num_loops=2, rope_theta=10_000.0)
+  cfg = tiny_model_config(attention_impl='xla')
   b, s = 2, 29
-  tok = jax.random.randint(jax.random.key(1), (b, s), 0, base['vocab_size'])
+  tok = jax.random.randint(jax.random.key(1), (b, s), 0, cfg.vocab_size)
   seg = make_segments(np.random.default_rng(2), b, s)
   starts = np.concatenate([np.ones((b, 1), bool), np.asarray(seg[:, 1:] != seg[:, :-1])], 1)
   pos = np.zeros((b, s), np.int32)
@@ -269,14 +268,11 @@ def test_model_drop_in():
       pos[i, t] = 0 if starts[i, t] else pos[i, t - 1] + 1
   pos = jnp.asarray(pos)
 
-  # Both graphdefs from abstract builds (no eager init); random parameters from numpy, norms
+  # The graphdef from an abstract build (no eager init); random parameters from numpy, norms
   # around 1, everything else (gate included) far from its init.
-  cfg = ModelConfig(**base, attention_impl='xla')
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: PLT(cfg, nnx.Rngs(0))))
-  rng = np.random.default_rng(3)
-  params = jax.tree.map_with_path(
-      lambda path, l: jnp.asarray(('norm' in jax.tree_util.keystr(path)) + 0.3 * rng.standard_normal(
-          l.shape, np.float32)), abstract)
+  abstract = nnx.eval_shape(lambda: PLT(cfg, nnx.Rngs(0)))
+  graphdef = nnx.graphdef(abstract)
+  params = random_params(abstract, seed=3)
 
   def loss_and_grads(rt):
     def f(params):

@@ -18,21 +18,14 @@ def saved(tmp_path_factory):
   """(model, tokenizer, work dir, HF dir): a random R=2 float32 PLT saved both ways."""
   pytest.importorskip('safetensors')
   from configs import base
-  from plt_jax.config import ModelConfig
+  from helpers import randomized, tiny_model_config
   from plt_jax.hf import export_model
   from plt_jax.hf.importer import save_as_workdir
   from plt_jax.model import PLT
   from plt_jax.tokenizer import build_tokenizer
   tok = build_tokenizer('byte', workdir=None)
-  cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, num_layers=1, num_heads=2,
-                    num_kv_heads=1, ffn_dim=48, window_size=3, max_seq_len=64, num_loops=2)
-  model = nnx.eval_shape(lambda: PLT(cfg, nnx.Rngs(0)))
-  flat, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(model))
-  rng = np.random.default_rng(5)
-  leaves = [jnp.asarray((1.0 if 'norm' in jax.tree_util.keystr(p) else 0.0)
-                        + 0.3 * rng.standard_normal(leaf.shape), jnp.float32)
-            for p, leaf in flat]
-  nnx.update(model, jax.tree.unflatten(treedef, leaves))
+  cfg = tiny_model_config(vocab_size=tok.vocab_size, num_heads=2, num_kv_heads=1, window_size=3)
+  model = randomized(nnx.eval_shape(lambda: PLT(cfg, nnx.Rngs(0))), seed=5)
   root = tmp_path_factory.mktemp('loading')
   config = base.get_config('default', num_loops=2)
   config.model = cfg.to_dict()

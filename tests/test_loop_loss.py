@@ -1,5 +1,6 @@
 """The per-loop training signal (train.loop_loss_weights): the weighted loss over every loop's
-readout, its gradients, its FLOPs, and a training run that uses it."""
+readout, its gradients, its FLOPs, and the sweep's rN+ll variants. A training run that uses it is
+tested in tests/integration/test_loop_loss_runs.py."""
 import ml_collections
 import numpy as np
 import pytest
@@ -7,13 +8,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from plt_jax import train
+from helpers import decode_model as make
+from helpers import tiny_run_config
 from plt_jax.study import sweep
 from plt_jax.train import flops as flops_lib
-from plt_jax.train import metrics as metrics_lib
 from plt_jax.train import step as step_lib
-from test_checkpoint import make_config
-from test_decode import make
 
 B, S = 3, 13
 
@@ -98,26 +97,14 @@ def test_flops_count_one_head_per_weighted_readout():
   assert three['train'] - base['train'] == pytest.approx(3 * 2 * head)
 
 
-def test_a_run_trains_with_it_and_the_sweep_names_it(tmp_path):
-  """A run with the per-loop loss: its train loss is the weighted loss (so it differs from the
-  plain run's at step 1, from the same init and batch) while its validation loss stays the last
-  loop's (equal at step 0); FLOPs/token count the extra readout. The sweep's rN+ll variants set
-  equal weights."""
-  def first_losses(workdir, **extra):
-    train.train_and_evaluate(make_config(**{'train.steps': 2, 'eval.every': 2, **extra}), workdir)
-    recs = metrics_lib.read_jsonl(f'{workdir}/{metrics_lib.JSONL}')
-    val0 = next(r['loss'] for r in recs if r['split'] == 'val' and r['step'] == 0)
-    return next(r['loss'] for r in recs if r['split'] == 'train' and r['step'] == 1), val0
-
-  plain = first_losses(str(tmp_path / 'plain'))
-  weighted = first_losses(str(tmp_path / 'll'), **{'train.loop_loss_weights': (1.0, 1.0)})
-  assert weighted[1] == plain[1]
-  assert abs(weighted[0] - plain[0]) > 1e-4
+def test_the_sweep_names_it_and_sets_equal_weights(tmp_path):
+  """The sweep's rN+ll variants train with equal per-loop weights. A run that trains with them is
+  tested in tests/integration/test_loop_loss_runs.py."""
   assert sweep.parse_variants('r1,r3+ll,vanilla2+ll') == [
       ('r1', 1, 'plt'), ('r3+ll', 3, 'plt'), ('vanilla2+ll', 2, 'vanilla')]
   with pytest.raises(ValueError, match=r'rN\+ll'):
     sweep.parse_variants('deep2+ll')
-  cfg = sweep.variant_config(_with_sweep(make_config()), 3, 'plt', str(tmp_path),
+  cfg = sweep.variant_config(_with_sweep(tiny_run_config()), 3, 'plt', str(tmp_path),
                              loop_loss=True)
   assert tuple(cfg.train.loop_loss_weights) == (1.0, 1.0, 1.0)
 

@@ -1,13 +1,13 @@
 """prepare_data: shards independent of workers and hosts, resume after a kill, the hf source,
-bounded memory, bad input, the command line, and prepared data in a gs:// bucket."""
+bounded memory, bad input, and prepared data in a gs:// bucket. The command line is tested in
+tests/integration/test_prepare_data_cli.py."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from helpers import random_code_docs, write_jsonl
 from plt_jax import data
 from plt_jax import fileio
 from plt_jax import tokenizer as tokenizer_lib
@@ -15,28 +15,7 @@ from plt_jax.data import pipeline
 from plt_jax.data import prepare as prepare_lib
 from plt_jax.data import sources
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ['def', 'return', 'self', 'import', 'class', 'for', 'in', 'if', 'x', 'y', 'value', 'é',
-         'print', 'range', '(', ')', ':', '=', '+', '"s"', '# ✓']
 quiet = lambda _: None
-
-
-def _docs(n, seed=0, max_lines=12):
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(n):
-    lines = [('    ' * int(rng.integers(0, 3)))
-             + ' '.join(rng.choice(WORDS, int(rng.integers(1, 9)))) for _ in
-             range(int(rng.integers(1, max_lines)))]
-    out.append('\n'.join(lines) + '\n')
-  return out
-
-
-def _jsonl(path, docs):
-  with open(path, 'w', encoding='utf-8') as f:
-    for d in docs:
-      f.write(json.dumps({'text': d}) + '\n')
-  return str(path)
 
 
 def _cfg(paths, **kw):
@@ -69,8 +48,8 @@ def _documents(out, tok=None):
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory):
   d = tmp_path_factory.mktemp('corpus')
-  docs = _docs(400, seed=1)
-  return _jsonl(d / 'a.jsonl', docs[:250]), _jsonl(d / 'b.jsonl', docs[250:]), docs
+  docs = random_code_docs(400, seed=1)
+  return write_jsonl(d / 'a.jsonl', docs[:250]), write_jsonl(d / 'b.jsonl', docs[250:]), docs
 
 
 @pytest.fixture(scope='module')
@@ -193,8 +172,8 @@ def test_memory_stays_bounded_whatever_the_corpus_size(tmp_path, monkeypatch):
   monkeypatch.setattr(prepare_lib, 'bpe_sample', counting_sample)
   peaks = []
   for n in (200, 800):
-    docs = _docs(n, seed=n)
-    path = _jsonl(tmp_path / f'{n}.jsonl', docs)
+    docs = random_code_docs(n, seed=n)
+    path = write_jsonl(tmp_path / f'{n}.jsonl', docs)
     held.clear()
     sampled.clear()
     cfg = _cfg((path,), unit_mib=64, tokenizer='bpe', vocab_size=300, bpe_train_chars=8000)
@@ -204,7 +183,7 @@ def test_memory_stays_bounded_whatever_the_corpus_size(tmp_path, monkeypatch):
     assert max(held) < 5000 + longest
     assert 8000 <= sum(sampled) < 8000 + longest
     peaks.append(max(held))
-  assert abs(peaks[1] - peaks[0]) < 2 * max(len(d) for d in _docs(800, seed=800))
+  assert abs(peaks[1] - peaks[0]) < 2 * max(len(d) for d in random_code_docs(800, seed=800))
 
 
 def test_bad_input_errors_name_it_and_lose_nothing(reference, corpus, tmp_path):
@@ -243,19 +222,6 @@ def test_bad_input_errors_name_it_and_lose_nothing(reference, corpus, tmp_path):
   assert _shard_bytes(out) == before
   with pytest.raises(ValueError, match='data.source=synthetic is generated on the fly'):
     prepare_lib.prepare(_cfg((), source='synthetic'), str(tmp_path / 'y'), say=quiet)
-
-
-def test_command_line(corpus, tmp_path):
-  out = str(tmp_path / 'cli')
-  base = [sys.executable, '-m', 'experiments.prepare_data', '--config=configs/r2.py',
-          '--config.data.source=jsonl', f'--config.data.paths={corpus[0]}',
-          '--config.data.tokenizer=byte', '--workers=1']
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  done = subprocess.run(base + [f'--out={out}'], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
-  assert f'--config.data.prepared={out}' in done.stdout
-  assert json.load(open(os.path.join(out, 'manifest.json')))['splits']['train']['docs'] > 100
 
 
 def test_prepared_data_in_a_gcs_bucket(gcs_bucket, corpus, tmp_path):

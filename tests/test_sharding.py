@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from helpers import tiny_model_config
 from plt_jax.train import checkpoint as ckpt_lib
 from plt_jax.train import optimizer as opt_lib
 from plt_jax import sharding as sharding_lib
 from plt_jax import train
-from plt_jax.config import ModelConfig
 
-MODEL = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                    ffn_dim=48, window_size=5, max_seq_len=64, rope_theta=10_000.0)
+MODEL = tiny_model_config(vocab_size=64)
 STEPS = 10
 B, S = 8, 16
 

@@ -1,14 +1,12 @@
-"""The sweep's deep baseline, equal-FLOP budget and seeds (mean ± std, per-seed resume)."""
-import json
-import os
-
+"""The sweep's deep baseline, equal-FLOP budget and seeds (mean ± std), its tables and its presets.
+Tiny sweeps end to end are tested in tests/integration/test_sweep_runs.py."""
 import numpy as np
 import pytest
 
 from configs import sweep as sweep_config
+from helpers import tiny_model_config
 from plt_jax.train import flops
 from plt_jax.study import sweep
-from plt_jax.config import ModelConfig
 
 # d=32, H=4 (head_dim 8), K=2, F=48, L=2, V=64; counted by hand below at T=16, W=5.
 SMALL = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
@@ -24,7 +22,7 @@ R2_FORWARD = 2 * 2 * (15360 + 1088) + 2 * 128 * 70 / 16 + 2 * 256 + 4096     # 7
 
 
 def small(**kw):
-  return ModelConfig(**{**SMALL, **kw})
+  return tiny_model_config(**{**SMALL, **kw})
 
 
 def test_parse_deep_variants():
@@ -83,78 +81,6 @@ def test_mean_std():
   assert sweep.mean_std([None]) == dict(mean=None, std=None, n=0)
 
 
-@pytest.mark.slow
-def test_tiny_sweep_two_seeds_equal_flops_resumes(tmp_path):
-  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  corpus = tmp_path / 'corpus'
-  corpus.mkdir()
-  for i in range(12):
-    (corpus / f'f{i}.py').write_text(
-        ''.join(f'def f{i}_{j}(x):\n    return x * {j} + {i}\n\n' for j in range(20)))
-  cfg = sweep_config.get_config()
-  cfg.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
-                   window_size=5, max_seq_len=128, rope_theta=10_000.0)
-  cfg.train.update(steps=12, batch_size=4, seq_len=32, progress=False)
-  cfg.data.update(source='files', paths=(str(corpus / '*.py'),), tokenizer='byte',
-                  val_fraction=0.2, val_batches=2)
-  cfg.mesh.num_devices = 1
-  cfg.checkpoint.every = 6
-  cfg.eval.every = 6
-  cfg.sweep.update(variants='deep2,r1', budget='flops', seeds=(0, 1), diagnose_batches=1,
-                   decode_prompt_len=8, decode_steps=4)
-  root = tmp_path / 'sweep'
-  logs = []
-  out = sweep.run_sweep(cfg, str(root), log=logs.append)
-  res = {(r['name'], r['seed']): r for r in out['results']}
-  assert sorted(res) == [('deep2', 0), ('deep2', 1), ('r1', 0), ('r1', 1)]
-  for (name, seed), r in res.items():
-    wd = root / f'{name}-seed{seed}'
-    assert (wd / sweep.RESULT_FILE).exists()
-    assert ckpt_lib.load_config(str(wd)).seed == seed      # data order follows the seed only
-  r1, deep2 = res['r1', 0], res['deep2', 0]
-  # deep2: one loop over twice the layers (2 x the layer parameters: attention, MLP, norms).
-  assert (deep2['num_loops'], deep2['num_layers'], deep2['R']) == (1, 4, 2)
-  assert deep2['params'] - r1['params'] == 2 * (32 * 8 * (2 * 4 + 2 * 2) + 3 * 32 * 48 + 2 * 32)
-  # Equal FLOPs: r1 (the reference) trains 12 steps. At T=32 a layer costs 15360 + 128 * 16.5
-  # = 17472 and the head 2 * 32 * 384 (byte vocabulary rounded up to 128), so deep2 trains
-  # round(12 * (2 * 17472 + 24576) / (4 * 17472 + 24576)) = round(7.56) = 8 steps.
-  v = r1['vocab_size']
-  want = flops.steps_for_budget(small(num_loops=1, num_layers=4, vocab_size=v),
-                                small(num_loops=1, vocab_size=v), 32, 12)
-  assert v == 384 and r1['steps'] == 12 and deep2['steps'] == want == 8
-  assert deep2['train_tokens'] == want * 4 * 32 and r1['train_tokens'] == 12 * 4 * 32
-  per_step = deep2['train_flops'] / deep2['steps']
-  assert abs(deep2['train_flops'] - r1['train_flops']) <= per_step / 2
-  # Mean ± std (ddof=1) over the two seeds, which differ.
-  summ = {s['name']: s for s in out['summary']}
-  for name in ('r1', 'deep2'):
-    losses = [res[name, s]['final_val_loss'] for s in (0, 1)]
-    st = summ[name]['final_val_loss']
-    assert st['n'] == 2 and st['mean'] == pytest.approx(np.mean(losses))
-    assert st['std'] == pytest.approx(np.std(losses, ddof=1)) and st['std'] > 0
-    assert summ[name]['steps'] == res[name, 0]['steps']
-  md = (root / 'sweep.md').read_text()
-  assert md.count('\n| ') == 3 and md.count(' ± ') >= 4 and 'Equal training FLOPs' in md
-  assert f"{summ['r1']['final_val_loss']['mean']:.4f} ± " in md
-  saved = json.loads((root / 'sweep_summary.json').read_text())
-  assert saved['reference'] == 'r1' and saved['seeds'] == [0, 1]
-  for png in ('val_loss_vs_loops.png', 'loss_curves.png'):
-    assert (root / png).stat().st_size > 5000
-
-  # Resume: no run trains again; nothing in the run dirs (checkpoints, results) is rewritten.
-  def stamps():
-    return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
-            for d, _, files in os.walk(root) if d != str(root) and 'data_cache' not in d
-            for f in files}
-  before = stamps()
-  logs2 = []
-  out2 = sweep.run_sweep(cfg, str(root), log=logs2.append)
-  assert stamps() == before
-  assert sum('finished earlier, skipping' in m for m in logs2) == 4
-  assert not any('training' in m for m in logs2)
-  assert out2['table'] == out['table']
-
-
 def _fake_variant(name, kind, R, diags, exact=None):
   stat = sweep.mean_std
   return dict(name=name, kind=kind, R=R, seeds=list(range(len(diags))),
@@ -195,44 +121,6 @@ def test_table_has_exact_match_only_for_tasks():
   assert 'exact match' not in text
   text = sweep.markdown_table([row('r1', 0.25), row('r2', 0.875)])
   assert 'exact match' in text and '| 0.250 |' in text and '| 0.875 |' in text
-
-
-@pytest.mark.slow
-def test_tiny_synthetic_sweep_reports_exact_match_and_gain_cost(tmp_path):
-  from plt_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from plt_jax.evaluation import synthetic  # pylint: disable=import-outside-toplevel
-  cfg = sweep_config.get_config()
-  cfg.model.update(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=48,
-                   window_size=5, max_seq_len=128)
-  cfg.train.update(steps=6, batch_size=4, seq_len=32, progress=False)
-  cfg.data.update(source='synthetic', task='phop', task_heldout=24, val_batches=2)
-  cfg.data.task_params.update(hops=1, length=9, alphabet=4)
-  cfg.mesh.num_devices = 1
-  cfg.checkpoint.every = 6
-  cfg.eval.every = 3
-  cfg.sweep.update(variants='r1,r2', seeds=(0, 1), diagnose_batches=1, decode_prompt_len=8,
-                   decode_steps=2)
-  root = tmp_path / 'sweep'
-  out = sweep.run_sweep(cfg, str(root), log=lambda *_: None)
-  res = {(r['name'], r['seed']): r for r in out['results']}
-  # Each run's exact match is the synthetic suite's accuracy on its held-out set.
-  model, saved, _ = ckpt_lib.load_for_inference(str(root / 'r2-seed1'))
-  again = synthetic.evaluate_run(model, saved.data)
-  assert again['total'] == 24 and res['r2', 1]['exact_match'] == again['accuracy']
-  summ = {s['name']: s for s in out['summary']}
-  for name in ('r1', 'r2'):
-    accs = [res[name, s]['exact_match'] for s in (0, 1)]
-    assert all(0.0 <= a <= 1.0 and a * 24 == round(a * 24) for a in accs)
-    assert summ[name]['exact_match']['mean'] == pytest.approx(np.mean(accs))
-  assert 'exact match' in out['table']
-  saved_summary = json.loads((root / 'sweep_summary.json').read_text())
-  (pt,) = saved_summary['gain_cost']
-  assert (pt['name'], pt['loop']) == ('r2', 2)
-  assert pt['offset_cost'] == pytest.approx(
-      np.mean([res['r2', s]['diagnostics']['offset_cost'][1] for s in (0, 1)]))
-  for png in ('accuracy_vs_loops.png', 'val_loss_vs_loops.png', 'loss_curves.png',
-              'gain_cost.png'):
-    assert (root / png).stat().st_size > 5000
 
 
 def test_depth_check_in_seed_stds():

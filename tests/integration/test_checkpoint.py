@@ -15,36 +15,15 @@ import sys
 import threading
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from configs import base
+from helpers import REPO, TINY_RUN, max_abs_diff, restore_raw, tiny_run_config, train_losses
 from plt_jax.train import checkpoint as ckpt_lib
-from plt_jax.train import metrics as metrics_lib
 from plt_jax import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 24
-OVERRIDES = {
-    'model.d_model': 32, 'model.num_layers': 1, 'model.num_heads': 4, 'model.num_kv_heads': 2,
-    'model.ffn_dim': 48, 'model.window_size': 5, 'model.max_seq_len': 64,
-    'model.rope_theta': 10000.0,
-    'train.steps': STEPS, 'train.batch_size': 4, 'train.seq_len': 24, 'train.progress': False,
-    'data.tokenizer': 'byte', 'data.max_chars': 30000, 'data.val_batches': 1,
-    'optimizer.peak_lr': 3e-3, 'mesh.num_devices': 1,
-    'checkpoint.every': 4, 'checkpoint.max_to_keep': 3, 'eval.every': 0,
-}
-
-
-def make_config(**extra):
-  cfg = base.get_config('default', num_loops=2)
-  for key, value in {**OVERRIDES, **extra}.items():
-    section, field = key.split('.')
-    cfg[section][field] = value
-  return cfg
+STEPS = TINY_RUN['train.steps']
 
 
 @pytest.fixture(scope='module')
@@ -56,39 +35,18 @@ def subprocess_env(tmp_path_factory):
 
 
 def launch(workdir, env, **extra):
-  flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, **extra}.items()]
+  flags = [f'--config.{k}={v}' for k, v in {**TINY_RUN, **extra}.items()]
   cmd = [sys.executable, '-m', 'experiments.pretrain', '--config=configs/r2.py',
          f'--workdir={workdir}', *flags]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
-def train_losses(workdir) -> dict[int, float]:
-  return {r['step']: r['loss'] for r in metrics_lib.read_jsonl(
-      os.path.join(workdir, metrics_lib.JSONL)) if r['split'] == 'train'}
-
-
-def restore_raw(workdir, step) -> dict:
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
-  try:
-    return ckpt.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(), opt_state=ocp.args.StandardRestore()))
-  finally:
-    ckpt.close()
-
-
-def max_abs_diff(a, b) -> float:
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(la) == len(lb) and la
-  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-             for x, y in zip(la, lb))
-
-
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory):
   """The reference: all STEPS steps in one go."""
   workdir = str(tmp_path_factory.mktemp('straight'))
-  summary = train.train_and_evaluate(make_config(), workdir)
+  summary = train.train_and_evaluate(tiny_run_config(), workdir)
   assert summary['step'] == STEPS
   return workdir
 
@@ -96,7 +54,7 @@ def straight(tmp_path_factory):
 def test_resume_in_a_new_process_is_bitwise_exact(straight, tmp_path, subprocess_env):
   k = STEPS // 2
   workdir = str(tmp_path / 'resumed')
-  first = train.train_and_evaluate(make_config(**{'train.stop_at_step': k}), workdir)
+  first = train.train_and_evaluate(tiny_run_config(**{'train.stop_at_step': k}), workdir)
   assert first['step'] == k and first['checkpoint_steps'][-1] == k
   proc = launch(workdir, subprocess_env)                 # a new process: steps k+1 .. 2k
   out, err = proc.communicate(timeout=600)
@@ -145,7 +103,7 @@ def test_sigkill_mid_run_resumes_from_the_newest_complete_checkpoint(straight, t
   shutil.copytree(os.path.join(ckdir, str(newest)), torn)
   shutil.rmtree(os.path.join(torn, 'params'))
 
-  summary = train.train_and_evaluate(make_config(), workdir)
+  summary = train.train_and_evaluate(tiny_run_config(), workdir)
   assert summary['start_step'] == newest and summary['step'] == STEPS
   assert not any('tmp' in d for d in os.listdir(ckdir)), os.listdir(ckdir)
   # Lost: only the steps after `newest`; they are recomputed identically.
@@ -168,7 +126,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(straight, tmp_path):
     os.kill(os.getpid(), signal.SIGTERM)
 
   threading.Thread(target=send_when_running, daemon=True).start()
-  cfg = make_config(**{'checkpoint.every': 100})          # no periodic checkpoint at all
+  cfg = tiny_run_config(**{'checkpoint.every': 100})          # no periodic checkpoint at all
   summary = train.train_and_evaluate(cfg, workdir)
   assert summary['stopped_by'] == 'SIGTERM'
   stopped = summary['step']
@@ -218,14 +176,14 @@ def test_a_killed_process_ends_the_others_with_one_line_then_resume_on_one_proce
   devices, and ends bitwise equal to an uninterrupted run on that mesh."""
   ref = str(tmp_path / 'ref')
   two_devices = {'mesh.num_devices': 2}
-  train.train_and_evaluate(make_config(**two_devices), ref)
+  train.train_and_evaluate(tiny_run_config(**two_devices), ref)
 
   workdir = str(tmp_path / 'two')
   port = _free_port()
   env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   procs = []
   for i in range(2):
-    flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, 'mesh.num_devices': -1}.items()]
+    flags = [f'--config.{k}={v}' for k, v in {**TINY_RUN, 'mesh.num_devices': -1}.items()]
     cmd = [sys.executable, '-m', 'experiments.pretrain', '--config=configs/r2.py',
            f'--workdir={workdir}', *flags, f'--coordinator_address=127.0.0.1:{port}',
            '--num_processes=2', f'--process_id={i}', f'--peer_timeout={PEER_TIMEOUT}']
@@ -254,7 +212,7 @@ def test_a_killed_process_ends_the_others_with_one_line_then_resume_on_one_proce
   newest = reader.all_steps()[-1]
   reader.close()
   assert 4 <= newest < STEPS
-  summary = train.train_and_evaluate(make_config(**two_devices), workdir)
+  summary = train.train_and_evaluate(tiny_run_config(**two_devices), workdir)
   assert summary['start_step'] == newest and summary['step'] == STEPS
   want, got = train_losses(ref), train_losses(workdir)
   assert [got[s] for s in range(1, STEPS + 1)] == [want[s] for s in range(1, STEPS + 1)]
@@ -272,7 +230,7 @@ def test_a_killed_process_0_ends_the_others_with_one_line(tmp_path, subprocess_e
   workdir = str(tmp_path / 'two')
   port = _free_port()
   env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, 'mesh.num_devices': -1,
+  flags = [f'--config.{k}={v}' for k, v in {**TINY_RUN, 'mesh.num_devices': -1,
                                             'train.steps': 1000}.items()]
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'experiments.pretrain', '--config=configs/r2.py',

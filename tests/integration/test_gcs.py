@@ -1,9 +1,10 @@
 """gs:// work dirs against a real Cloud Storage server (fake-gcs-server, the `gcs_bucket` fixture).
 
 Nothing of the project's own I/O is mocked: gcsfs and tensorstore talk HTTP to the emulator.
-Covers fileio's round trips and one-line errors, a training run killed with SIGKILL and resumed
-in the bucket (bitwise equal to an uninterrupted local run), a two-process run whose only shared
-storage is the bucket, and generate / evaluate / diagnose reading the run from the bucket.
+Covers a training run killed with SIGKILL and resumed in the bucket (bitwise equal to an
+uninterrupted local run), a two-process run whose only shared storage is the bucket, and
+generate / evaluate / diagnose reading the run from the bucket. fileio and the metrics writer
+alone are tested in tests/test_fileio_gcs.py.
 """
 import os
 import signal
@@ -11,21 +12,14 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from plt_jax.train import checkpoint as ckpt_lib
 from plt_jax import fileio
-from plt_jax.train import metrics as metrics_lib
 from plt_jax import train
-from test_checkpoint import (OVERRIDES, REPO, STEPS, make_config, max_abs_diff, restore_raw,
-                             train_losses)
+from helpers import REPO, TINY_RUN, max_abs_diff, restore_raw, tiny_run_config, train_losses
 
-
-@pytest.fixture
-def prefix(gcs_bucket, request):
-  """A fresh gs:// prefix for one test."""
-  return f'{gcs_bucket}/{request.node.name}-{time.time_ns()}'
+STEPS = TINY_RUN['train.steps']
 
 
 @pytest.fixture(scope='module')
@@ -39,71 +33,9 @@ def gcs_env(gcs_bucket, tmp_path_factory):
 
 
 def pretrain_cmd(workdir, *args, **extra):
-  flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, **extra}.items()]
+  flags = [f'--config.{k}={v}' for k, v in {**TINY_RUN, **extra}.items()]
   return [sys.executable, '-m', 'experiments.pretrain', f'--config={REPO}/configs/r2.py',
           f'--workdir={workdir}', *flags, *args]
-
-
-# ------------------------------------------------------------------------------- fileio
-
-def test_fileio_round_trips_in_the_bucket(prefix):
-  d = f'{prefix}/a'
-  assert not fileio.exists(d) and fileio.listdir(d) == []
-  fileio.write_json(f'{d}/x.json', {'loss': float('nan'), 'v': np.float32(1.5), 'n': [1, 2]})
-  assert fileio.read_text(f'{d}/x.json') == (
-      '{\n  "loss": null,\n  "v": 1.5,\n  "n": [\n    1,\n    2\n  ]\n}\n')
-  fileio.write_bytes(f'{d}/sub/b.bin', bytes(range(256)))
-  assert fileio.read_bytes(f'{d}/sub/b.bin') == bytes(range(256))
-  assert fileio.isdir(d) and fileio.isdir(f'{d}/sub') and fileio.isfile(f'{d}/x.json')
-  assert fileio.listdir(d) == ['sub', 'x.json']
-  assert fileio.abspath(f'{d}/') == d and fileio.join(d, 'sub', 'b.bin') == f'{d}/sub/b.bin'
-  fileio.check_access(d, 'workdir')          # an existing bucket: no error, nothing written
-  assert fileio.listdir(d) == ['sub', 'x.json']
-
-
-def test_a_missing_bucket_is_a_one_line_error(gcs_bucket):
-  with pytest.raises(fileio.StorageError) as err:
-    fileio.check_access('gs://no-such-bucket-plt/run', 'workdir')
-  assert str(err.value) == ('workdir=gs://no-such-bucket-plt/run: bucket gs://no-such-bucket-plt '
-                            'does not exist (create it: gcloud storage buckets create '
-                            'gs://no-such-bucket-plt)')
-
-
-def test_metrics_writer_in_the_bucket_uploads_jsonl_and_tensorboard_chunks(prefix):
-  from tensorboardX.proto import event_pb2
-  w = metrics_lib.MetricsWriter(prefix, sync_every_s=1e9)
-  for step in range(1, 6):
-    w.write(step, {'loss': 10.0 / step, 'lr': float('nan') if step == 3 else 1e-3})
-  assert not fileio.exists(w.jsonl_path)                  # nothing uploaded before a flush
-  assert [r['step'] for r in w.records()] == [1, 2, 3, 4, 5]
-  w.flush()
-  for step in range(6, 8):
-    w.write(step, {'loss': 10.0 / step})
-  w.close()
-  records = metrics_lib.read_jsonl(w.jsonl_path)
-  assert [r['step'] for r in records] == list(range(1, 8))
-  assert [r['loss'] for r in records] == [10.0 / s for s in range(1, 8)]
-  assert records[2]['lr'] is None                          # NaN -> null
-  chunks = fileio.listdir(w.tb_dir)
-  assert len(chunks) == 2 and all('tfevents' in c for c in chunks), chunks
-  # The chunks, read in name order as TensorBoard does, are one valid event stream.
-  scalars = {}
-  for name in chunks:
-    data, pos = fileio.read_bytes(f'{w.tb_dir}/{name}'), 0
-    while pos < len(data):
-      (n,) = np.frombuffer(data[pos:pos + 8], '<u8')
-      ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + int(n)])
-      pos += 16 + int(n)
-      for v in ev.summary.value:
-        scalars.setdefault(v.tag, []).append((ev.step, v.simple_value))
-  assert [s for s, _ in scalars['train/loss']] == list(range(1, 8))
-  np.testing.assert_allclose([x for _, x in scalars['train/loss']],
-                             [10.0 / s for s in range(1, 8)], rtol=1e-6)
-  assert [s for s, _ in scalars['train/lr']] == [1, 2, 4, 5]  # NaN is not plotted
-  # A resume from step 4 keeps only the records up to it.
-  w2 = metrics_lib.MetricsWriter(prefix, resume_step=4)
-  w2.close()
-  assert [r['step'] for r in metrics_lib.read_jsonl(w.jsonl_path)] == [1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------- train in the bucket
@@ -112,7 +44,7 @@ def test_metrics_writer_in_the_bucket_uploads_jsonl_and_tensorboard_chunks(prefi
 def straight(tmp_path_factory):
   """The local reference: all STEPS steps in one go."""
   workdir = str(tmp_path_factory.mktemp('straight_gcs'))
-  assert train.train_and_evaluate(make_config(), workdir)['step'] == STEPS
+  assert train.train_and_evaluate(tiny_run_config(), workdir)['step'] == STEPS
   return workdir
 
 
@@ -136,7 +68,7 @@ def gcs_run(gcs_bucket, gcs_env, straight):
   reader = ckpt_lib.Checkpointer(ckdir, read_only=True)
   complete = reader.all_steps()
   reader.close()
-  summary = train.train_and_evaluate(make_config(), workdir)    # resume, in this process
+  summary = train.train_and_evaluate(tiny_run_config(), workdir)    # resume, in this process
   return dict(workdir=workdir, killed=killed, complete=complete, summary=summary)
 
 
@@ -167,7 +99,7 @@ def test_sigkill_in_the_bucket_then_resume_is_bitwise_equal_to_a_local_run(gcs_r
 def test_resume_refuses_another_model_in_the_bucket(gcs_run):
   with pytest.raises(ValueError, match='holds a run with a different model.*model.d_model: '
                                        'saved 32, now 48'):
-    train.train_and_evaluate(make_config(**{'model.d_model': 48}), gcs_run['workdir'])
+    train.train_and_evaluate(tiny_run_config(**{'model.d_model': 48}), gcs_run['workdir'])
 
 
 def test_generate_evaluate_and_diagnose_read_the_bucket(gcs_run, straight, capsys):
@@ -258,7 +190,7 @@ def run_pretrain(workdir, env, *pre):
   """pretrain in a fresh process; `pre` is Python run before it (e.g. to hide a package)."""
   code = '; '.join([*pre, 'import runpy, sys', "sys.argv[0] = 'pretrain'",
                     "runpy.run_module('experiments.pretrain', run_name='__main__')"])
-  flags = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+  flags = [f'--config.{k}={v}' for k, v in TINY_RUN.items()]
   return subprocess.run([sys.executable, '-c', code, '--config=configs/r2.py',
                          f'--workdir={workdir}', *flags], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)

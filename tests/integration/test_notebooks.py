@@ -12,11 +12,12 @@ import time
 
 import pytest
 
+from helpers import REPO
+
 nbformat = pytest.importorskip('nbformat')
 nbclient = pytest.importorskip('nbclient')
 pytest.importorskip('ipykernel')
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, 'notebooks')
 COLAB = 'https://colab.research.google.com/github/plt-jax/plt_jax/blob/main/notebooks/'
 NAMES = ('quickstart.ipynb', 'tpu_pretraining.ipynb')
