@@ -66,3 +66,18 @@ def test_metrics_writer_in_the_bucket_uploads_jsonl_and_tensorboard_chunks(prefi
   w2 = metrics_lib.MetricsWriter(prefix, resume_step=4)
   w2.close()
   assert [r['step'] for r in metrics_lib.read_jsonl(w.jsonl_path)] == [1, 2, 3, 4]
+
+
+def test_directories_upload_and_download_whole(prefix, tmp_path):
+  src = tmp_path / 'src'
+  (src / 'sub').mkdir(parents=True)
+  (src / 'a.bin').write_bytes(bytes(range(7)) * 300)
+  (src / 'sub' / 'b.json').write_text('{"x": 1}\n')
+  fileio.upload_dir(src, f'{prefix}/d')
+  assert sorted(fileio.listdir(f'{prefix}/d')) == ['a.bin', 'sub']
+  back = fileio.download_dir(f'{prefix}/d', tmp_path / 'back')
+  assert (tmp_path / 'back' / 'a.bin').read_bytes() == bytes(range(7)) * 300
+  assert (tmp_path / 'back' / 'sub' / 'b.json').read_text() == '{"x": 1}\n'
+  assert back == str(tmp_path / 'back')
+  with pytest.raises(FileNotFoundError, match='no such directory'):
+    fileio.download_dir(f'{prefix}/missing', tmp_path / 'x')

@@ -229,3 +229,30 @@ def test_pretrain_into_a_missing_bucket_is_a_one_line_error(gcs_env):
   assert r.stderr.strip().splitlines()[-2] == (
       'pretrain: error: workdir=gs://no-such-bucket-plt/run: bucket gs://no-such-bucket-plt does '
       'not exist (create it: gcloud storage buckets create gs://no-such-bucket-plt)')
+
+
+def test_export_from_the_bucket_to_the_bucket_then_generate_and_evaluate_from_it(
+    gcs_run, straight, tmp_path, capsys):
+  """Export a gs:// run into gs://; the export equals a local export of the same checkpoint file
+  for file; generate and perplexity read the exported gs:// directory."""
+  from experiments import generate as generate_cli
+  from plt_jax import hf
+  from plt_jax.evaluation import runner
+  out = f'{gcs_run["workdir"]}-export'
+  assert hf.export_workdir(gcs_run['workdir'], out, dtype='float32') == out
+  local = str(tmp_path / 'local')
+  hf.export_workdir(straight, local, dtype='float32')
+  names = sorted(fileio.listdir(out))
+  assert names == sorted(os.listdir(local)) and 'model.safetensors' in names
+  for name in names:
+    assert fileio.read_bytes(f'{out}/{name}') == open(os.path.join(local, name), 'rb').read(), name
+  with pytest.raises(FileExistsError, match='is not empty'):
+    hf.export_workdir(gcs_run['workdir'], out)
+  assert generate_cli.main(['--hf_dir', out, '--prompt', 'The ', '--max_new_tokens', '6']) == 0
+  from_bucket = capsys.readouterr().out.split('\n')[0]
+  generate_cli.main(['--hf_dir', local, '--prompt', 'The ', '--max_new_tokens', '6'])
+  assert from_bucket == capsys.readouterr().out.split('\n')[0]
+  got = runner.run('perplexity', hf_dir=out, workdir=gcs_run['workdir'], progress=False,
+                   out_dir=str(tmp_path / 'eval'))
+  ref = runner.run('perplexity', workdir=straight, progress=False, out_dir=str(tmp_path / 'ref'))
+  assert abs(got['bits_per_byte'] - ref['bits_per_byte']) < 1e-5 and got['tokens'] == ref['tokens']

@@ -20,6 +20,7 @@ from plt_jax import ModelConfig
 from plt_jax import hf as hf_lib
 from plt_jax.hf import convert
 from plt_jax.tokenizer import build_tokenizer
+from helpers import REPO
 
 TINY = dict(vocab_size=263, d_model=48, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=80,
             window_size=4, rope_theta=10_000.0, max_seq_len=512)
@@ -815,7 +816,7 @@ def test_seed_snippet_on_trained_and_cli_exported_model(tc, tmp_path):
   run = str(tmp_path / 'run')
   train.train_and_evaluate(config, run)
   out = str(tmp_path / 'hf')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = REPO
   proc = subprocess.run([sys.executable, '-m', 'experiments.export', f'--workdir={run}',
                          f'--out={out}', '--dtype=f32'], cwd=root, capture_output=True,
                         text=True, timeout=600)

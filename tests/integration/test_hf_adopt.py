@@ -17,8 +17,9 @@ import pytest
 
 from plt_jax.hf import adopt
 from plt_jax.hf import convert
+from helpers import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 RELEASE = {  # the LoopCoder-V2 config.json's fields, tiny shapes
     'architectures': ['IQuestPLTCoderForCausalLM'],
     'auto_map': {'AutoConfig': 'configuration_iquestpltcoder.IQuestPLTCoderConfig'},
