@@ -174,14 +174,18 @@ def run_units(fn: Callable[[dict], dict], jobs: list[dict], workers: int):
   """Yields fn(job) for every job, in order, with `workers` grain worker processes (1: here)."""
   if not jobs:
     return
-  ds = grain.MapDataset.source(jobs).map(fn).to_iter_dataset(
-      grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-  if workers > 1:
-    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults suffice)
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=min(workers, len(jobs)),
-                                                     per_worker_buffer_size=4))
-  yield from ds
+  ds = grain.MapDataset.source(jobs).map(fn)
+  if workers <= 1:
+    # One unit at a time on this thread: an error or a Ctrl-C stops the work where it is, with
+    # no reader thread left writing shards behind it.
+    for i in range(len(ds)):
+      yield ds[i]
+    return
+  if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults suffice)
+    flags.FLAGS.mark_as_parsed()
+  yield from ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)) \
+      .mp_prefetch(grain.MultiprocessingOptions(num_workers=min(workers, len(jobs)),
+                                                per_worker_buffer_size=4))
 
 
 # ---------------------------------------------------------------------------- tokenizer
