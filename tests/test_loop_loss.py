@@ -77,12 +77,24 @@ def test_a_weight_on_loop_one_sends_gradient_through_its_readout_only_where_it_s
 
   plain = grads(None)
   same = grads((0.0, 1.0))
-  mixed = grads((0.5, 0.5))
+  mixed = grads((0.25, 0.75))
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(same)):
     np.testing.assert_array_equal(a, b)
   diff = max(float(jnp.max(jnp.abs(a - b)))
              for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(mixed)))
   assert diff > 1e-4
+
+  # The weighted gradient is the weighted sum of each readout's own gradient, built by hand.
+  def readout_loss(p, r):
+    m = nnx.merge(graphdef, p, rest)
+    _, loops = m(batch['inputs'], batch['positions'], batch['segment_ids'], return_loops=True)
+    logp = jax.nn.log_softmax(m.head(loops[r].hidden), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch['targets'][..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * batch['loss_mask'])
+
+  g1, g2 = (jax.grad(readout_loss)(params, r) for r in (0, 1))
+  for got, a, b in zip(*(jax.tree.leaves(t) for t in (mixed, g1, g2))):
+    np.testing.assert_allclose(got, 0.25 * a + 0.75 * b, rtol=1e-4, atol=1e-6)
 
 
 def test_flops_count_one_head_per_weighted_readout():

@@ -19,3 +19,5 @@ def test_a_run_trains_with_it(tmp_path):
   weighted = first_losses(str(tmp_path / 'll'), **{'train.loop_loss_weights': (1.0, 1.0)})
   assert weighted[1] == plain[1]
   assert abs(weighted[0] - plain[0]) > 1e-4
+  # Zero weight on every loop but the last: the same training, bit for bit.
+  assert first_losses(str(tmp_path / 'zero'), **{'train.loop_loss_weights': (0.0, 2.0)}) == plain
