@@ -81,7 +81,7 @@ SWEEP_TASKS = {
     # Two hops need more sequential attention than one: the calibrated study of how many loops.
     # Chosen by measurement (seed 0, 1000 steps, the 'phop' block and optimizer): at hops=2,
     # length 10, alphabet 4 (chance 25%), r1 0.570, r2 0.758, r3 0.902 exact match, so the curve
-    # over r1..r4 is neither flat nor saturated. r4+ll (equal per-loop loss weights) is the same
+    # over r1..r4 is neither flat nor saturated. Measured on 3 seeds: docs/results/loop_study.md. r4+ll (equal per-loop loss weights) is the same
     # model trained so that every loop's readout predicts, for the adaptive-exit comparison;
     # vanilla4 is the sequential baseline at the same loop count.
     'phop2': dict(
