@@ -20,7 +20,7 @@ from plt_jax import ModelConfig
 from plt_jax import hf as hf_lib
 from plt_jax.hf import convert
 from plt_jax.tokenizer import build_tokenizer
-from helpers import REPO
+from helpers import REPO, release_config
 
 TINY = dict(vocab_size=263, d_model=48, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=80,
             window_size=4, rope_theta=10_000.0, max_seq_len=512)
@@ -569,20 +569,7 @@ def test_torch_random_model_roundtrip(tc, tmp_path, num_loops, gate_hidden, kv_h
 
 
 # -------------------------------------------------------------- the release's config.json
-RELEASE_LIKE = {  # the LoopCoder-V2 config.json's fields and PLT values, with a tiny shape
-    'architectures': ['IQuestPLTCoderForCausalLM'],
-    'auto_map': {'AutoConfig': 'configuration_iquestpltcoder.IQuestPLTCoderConfig'},
-    'model_type': 'iquestpltcoder',
-    'attention_bias': False, 'attention_dropout': 0.0, 'bos_token_id': 1, 'eos_token_id': 2,
-    'head_dim': 16, 'hidden_act': 'silu', 'hidden_size': 64, 'initializer_range': 0.02,
-    'intermediate_size': 96, 'max_position_embeddings': 131072, 'mlp_bias': False,
-    'num_attention_heads': 4, 'num_hidden_layers': 2, 'num_key_value_heads': 2,
-    'rms_norm_eps': 1e-05, 'rope_scaling': None, 'rope_theta': 500000.0,
-    'tie_word_embeddings': False, 'torch_dtype': 'bfloat16', 'use_cache': True,
-    'vocab_size': 97,
-    'plt_num_loops': 2, 'plt_window_size': [64, 0], 'plt_normalize_per_loop': True,
-    'plt_emb_scale': 0.707, 'plt_hidden_scale': 0.053, 'plt_gate_use_hidden_states': True,
-}
+RELEASE_LIKE = release_config()
 
 
 def _release_like_dir(path, seed=0):

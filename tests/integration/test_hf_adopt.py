@@ -17,23 +17,10 @@ import pytest
 
 from plt_jax.hf import adopt
 from plt_jax.hf import convert
-from helpers import REPO
+from helpers import REPO, release_config
 
 ROOT = REPO
-RELEASE = {  # the LoopCoder-V2 config.json's fields, tiny shapes
-    'architectures': ['IQuestPLTCoderForCausalLM'],
-    'auto_map': {'AutoConfig': 'configuration_iquestpltcoder.IQuestPLTCoderConfig'},
-    'model_type': 'iquestpltcoder',
-    'attention_bias': False, 'attention_dropout': 0.0, 'bos_token_id': 1, 'eos_token_id': 2,
-    'head_dim': 16, 'hidden_act': 'silu', 'hidden_size': 64, 'initializer_range': 0.02,
-    'intermediate_size': 96, 'max_position_embeddings': 131072, 'mlp_bias': False,
-    'num_attention_heads': 4, 'num_hidden_layers': 2, 'num_key_value_heads': 2,
-    'rms_norm_eps': 1e-05, 'rope_scaling': None, 'rope_theta': 500000.0,
-    'tie_word_embeddings': False, 'torch_dtype': 'bfloat16', 'transformers_version': '4.51.3',
-    'use_cache': True, 'vocab_size': 97,
-    'plt_num_loops': 2, 'plt_window_size': [4, 0], 'plt_normalize_per_loop': True,
-    'plt_emb_scale': 0.707, 'plt_hidden_scale': 0.053, 'plt_gate_use_hidden_states': True,
-}
+RELEASE = release_config(transformers_version='4.51.3', plt_window_size=[4, 0])
 # name -> (config changes, None = drop the field; gate tensor name; shard count)
 VARIANTS = {
     'hidden_gate_alias_single': ({}, 'loop_gate_proj', 1),
