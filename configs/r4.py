@@ -1,9 +1,9 @@
-"""R=4 loops. Presets: default (CPU), 125m, 1b, 7b; e.g. --config=configs/r4.py:125m.
+"""R=4 loops on a preset of plt_jax.presets.PRESETS (default: 'default', the CPU run).
 
-The presets are documented in plt_jax/presets.py.
+e.g. --config=configs/r4.py:125m; the presets are documented in plt_jax/presets.py.
 """
 from plt_jax import presets
 
 
-def get_config(arg=None):
-  return presets.r4(arg)
+def get_config(preset=None):
+  return presets.get_config(preset, num_loops=4)

@@ -1,10 +1,10 @@
-"""The loop-count sweep: python -m experiments.sweep --config=configs/sweep.py[:PRESET].
+"""The loop-count sweep of a preset (default: 'sweep', the CPU text sweep).
 
-The sweep config and its presets are documented in plt_jax/presets.py (`sweep_config`).
+python -m experiments.sweep --config=configs/sweep.py[:PRESET], e.g. configs/sweep.py:phop2; the
+presets and the sweep section are documented in plt_jax/presets.py.
 """
 from plt_jax import presets
-from plt_jax.presets import SWEEP_TRAIN  # noqa: F401  (re-exported)
 
 
-def get_config(arg=None):
-  return presets.sweep_config(arg)
+def get_config(preset=None):
+  return presets.sweep_config(preset)

@@ -22,8 +22,8 @@ def main(argv):
   del argv
   quiet_library_logs()
   config = _CONFIG.value
-  preset = config.get('preset', 'default')
-  default_root = 'runs/sweep' if preset == 'default' else f'runs/sweep-{preset}'
+  preset = config.get('preset', 'sweep')
+  default_root = 'runs/sweep' if preset == 'sweep' else f'runs/sweep-{preset}'
   sweep.run_sweep(config, _WORKDIR.value or default_root)
 
 

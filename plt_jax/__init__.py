@@ -9,10 +9,10 @@ from plt_jax import _checkout
 
 _checkout.register_kernels()  # a bare checkout's kernels/ as plt_jax.kernels, before any use of it
 
-from plt_jax.config import ModelConfig, PRESETS  # noqa: E402
+from plt_jax.config import ModelConfig  # noqa: E402
 from plt_jax.model import PLT  # noqa: E402
 
-__all__ = ['ModelConfig', 'PRESETS', 'PLT']
+__all__ = ['ModelConfig', 'PLT']
 __version__ = '0.1.0'
 
 

@@ -125,18 +125,3 @@ class ModelConfig:
     per_layer = attn + mlp + norms + gate
     return self.num_layers * per_layer + 2 * self.vocab_size * d + d
 
-
-# Model shapes of the experiment presets (plt_jax.presets); R = num_loops is set apart.
-PRESETS: dict[str, dict[str, Any]] = {
-    # Trains on a 2-core CPU in minutes.
-    'default': dict(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, ffn_dim=384,
-                    max_seq_len=2048, window_size=65),
-    '125m': dict(vocab_size=32768, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4,
-                 ffn_dim=2048, max_seq_len=4096, window_size=65),
-    '1b': dict(vocab_size=76800, d_model=2048, num_layers=16, num_heads=16, num_kv_heads=8,
-               ffn_dim=5632, max_seq_len=8192, window_size=65),
-    # LoopCoder-V2 release shape (about 7.62B parameters).
-    '7b': dict(vocab_size=76800, d_model=5120, num_layers=14, num_heads=40, num_kv_heads=8,
-               ffn_dim=27648, max_seq_len=131072, window_size=65, rope_theta=500_000.0,
-               emb_scale=0.707, hidden_scale=0.053, gate_mode='hidden', normalize_per_loop=True),
-}

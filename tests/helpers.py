@@ -18,8 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from configs import base
-from plt_jax import train
+from plt_jax import presets, train
 from plt_jax.config import ModelConfig
 from plt_jax.evaluation import humaneval
 from plt_jax.infer.decode import Decoder
@@ -34,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = dict(vocab_size=61, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2,
                   ffn_dim=48, window_size=5, max_seq_len=64, rope_theta=10_000.0, num_loops=2)
 
-# The tiny training run, as `section.field` overrides of configs/base.py (also passed to the
+# The tiny training run, as `section.field` overrides of the default preset (also passed to the
 # entry points as `--config.section.field=value` flags). The vocabulary comes from the tokenizer.
 TINY_RUN = {
     **{f'model.{k}': v for k, v in TINY_MODEL.items() if k not in ('vocab_size', 'num_loops')},
@@ -51,9 +50,9 @@ def tiny_model_config(**kw) -> ModelConfig:
 
 
 def tiny_run_config(**overrides) -> ml_collections.ConfigDict:
-  """configs/base.py's default preset at R = 2 with TINY_RUN, then `overrides`, both keyed
+  """The default preset at R = 2 with TINY_RUN, then `overrides`, both keyed
   `section.field`: tiny_run_config(**{'train.steps': 3})."""
-  cfg = base.get_config('default', num_loops=2)
+  cfg = presets.get_config('default', num_loops=2)
   for key, value in {**TINY_RUN, **overrides}.items():
     section, field = key.split('.')
     cfg[section][field] = value
@@ -138,7 +137,7 @@ def train_tiny_run(root) -> tuple[str, dict]:
               """Return a + b + {i}."""
               return a + b + {i}  # ✓
           ''') * 3)
-  default = base.get_config('default', num_loops=2)  # where TINY_RUN differs from this run
+  default = presets.get_config('default', num_loops=2)  # where TINY_RUN differs from this run
   cfg = tiny_run_config(**{
       'model.num_heads': 2, 'model.num_kv_heads': 1, 'model.ffn_dim': 64,
       'model.max_seq_len': 512, 'model.window_size': 8,

@@ -17,7 +17,7 @@ TOKENS = np.random.default_rng(0).integers(0, 259, (2, 13)).astype(np.int32)
 def saved(tmp_path_factory):
   """(model, tokenizer, work dir, HF dir): a random R=2 float32 PLT saved both ways."""
   pytest.importorskip('safetensors')
-  from configs import base
+  from plt_jax import presets
   from helpers import randomized, tiny_model_config
   from plt_jax.hf import export_model
   from plt_jax.hf.importer import save_as_workdir
@@ -27,7 +27,7 @@ def saved(tmp_path_factory):
   cfg = tiny_model_config(vocab_size=tok.vocab_size, num_heads=2, num_kv_heads=1, window_size=3)
   model = randomized(nnx.eval_shape(lambda: PLT(cfg, nnx.Rngs(0))), seed=5)
   root = tmp_path_factory.mktemp('loading')
-  config = base.get_config('default', num_loops=2)
+  config = presets.get_config('default', num_loops=2)
   config.model = cfg.to_dict()
   workdir = save_as_workdir(model, tok, str(root / 'run'), config, step=STEP)
   hf_dir = export_model(model, tok, str(root / 'hf'))

@@ -154,5 +154,5 @@ def test_phop_preset_is_the_calibrated_study():
   assert spec.max_len <= cfg.train.seq_len
   # The text presets are untouched by it.
   assert sweep_config.get_config().data.source == 'stdlib'
-  with pytest.raises(ValueError, match="unknown sweep preset 'phpo'"):
+  with pytest.raises(ValueError, match="unknown preset 'phpo'"):
     sweep_config.get_config('phpo')

@@ -44,7 +44,7 @@ from plt_jax import presets
 from experiments.bench import profiling
 from plt_jax import sharding as sharding_lib
 from plt_jax import train as train_lib
-from plt_jax.config import PRESETS, ModelConfig
+from plt_jax.config import ModelConfig
 
 SHAPES = {
     # A few-second smoke test (the tests use it): 2 layers, a window shorter than the sequence.
@@ -53,7 +53,8 @@ SHAPES = {
                             rope_theta=10_000.0),
                  batch=2, seq_len=24),
     # The default preset as `make train` runs it (the default BPE tokenizer's vocabulary).
-    'default': dict(model=dict(PRESETS['default'], vocab_size=2048), batch=16, seq_len=128),
+    'default': dict(model=dict(presets.PRESETS['default'].model.to_dict(), vocab_size=2048),
+                   batch=16, seq_len=128),
     # ~25M parameters: 23.6M in the layers, 32.0M with embedding and head.
     '25m': dict(model=dict(d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, ffn_dim=1408,
                            vocab_size=8192, max_seq_len=2048, window_size=65),

@@ -17,9 +17,9 @@ from flax import nnx
 
 from plt_jax import fileio
 from plt_jax import tokenizer as tok_lib
-from plt_jax.config import PRESETS, ModelConfig
 from plt_jax.hf import importer, load_hf_checkpoint
 from plt_jax.model import PLT, param_count
+from plt_jax.presets import PRESETS
 from plt_jax.train import checkpoint as ckpt_lib
 
 SOURCES = ('workdir', 'hf')
@@ -112,11 +112,12 @@ def with_dtype(model, dtype: str):
 
 
 def random_model(preset: str, seed: int = 0):
-  """(model, tokenizer): random weights of a `plt_jax.config.PRESETS` entry and the byte
-  tokenizer, which exercise the whole inference path without a checkpoint."""
+  """(model, tokenizer): random float32 weights of the model shape of a `plt_jax.presets.PRESETS`
+  entry and the byte tokenizer, which exercise the whole inference path without a checkpoint."""
   if preset not in PRESETS:
     raise ValueError(f'--random_init: unknown preset {preset!r}; choose from {sorted(PRESETS)}')
   tokenizer = tok_lib.Tokenizer(tok_lib.make_byte_tokenizer(), bos_token=tok_lib.BOS,
                                 eos_token=tok_lib.EOS, pad_token=tok_lib.PAD)
-  cfg = ModelConfig(**{**PRESETS[preset], 'vocab_size': tokenizer.vocab_size})
+  cfg = PRESETS[preset].model.replace(vocab_size=tokenizer.vocab_size, dtype='float32',
+                                      remat='none')
   return PLT(cfg, nnx.Rngs(seed)), tokenizer
