@@ -65,8 +65,8 @@ class Runtime:
 
 # ------------------------------------------------------------------------------------------------
 # The decode step's matmul policy. Up to this many rows per projection (chunks of 8, each
-# streaming the matrix once) the CPU kernel beat XLA:CPU's GEMM in bench_decode on a 2-core CPU
-# (100M model, batch 8: 16 rows 114 vs 144 ms per step; 32 rows 203 vs 199 ms).
+# streaming the matrix once) the CPU kernel beats XLA:CPU's GEMM in bench_decode; past it the
+# two are even (docs/results/decoding.md).
 KERNEL_MAX_ROWS = 16
 ROW_MATMULS = ('auto',) + MATMULS
 

@@ -459,8 +459,8 @@ class Decoder:
     if not 1 <= self.max_len <= self.cfg.max_seq_len:
       raise ValueError(f'max_len={self.max_len} must be in [1, max_seq_len={self.cfg.max_seq_len}]')
     self.graphdef, state = nnx.split(model)
-    # The weights travel as a flat list of arrays: flattening nnx Variables on every call cost
-    # ~0.5 ms per decode step (a few % of a 100M model's step on CPU).
+    # The weights travel as a flat list of arrays: flattening nnx Variables on every call is a
+    # visible share of a small model's decode step.
     self.state = jax.tree.leaves(state)
     self._treedef = jax.tree.structure(state)
     self._opts = tuple(sorted((compiler_options or {}).items()))
