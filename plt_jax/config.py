@@ -16,6 +16,10 @@ ATTENTION_IMPLS = ('auto', 'xla', 'pallas', 'cudnn', 'cpu')  # plt_jax.attention
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_attention')
 
 
+# Fields that earlier versions saved in config.json, with the one value they could hold.
+_RETIRED_FIELDS = {'param_dtype': 'float32'}  # parameters are always float32
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and behaviour of a (parallel) looped Llama-style decoder."""
@@ -38,7 +42,6 @@ class ModelConfig:
   gate_mode: str = 'hidden'          # 'hidden' (release) or 'query' (IQuest-Coder-V1-Loop)
   # Numerics and implementation.
   dtype: str = 'float32'             # compute dtype; params are always float32
-  param_dtype: str = 'float32'
   init_std: float = 0.02
   remat: str = 'none'
   # The attention backend (plt_jax.attention.get_backend). 'auto': Pallas on GPU / TPU, else the
@@ -82,8 +85,6 @@ class ModelConfig:
       bad('gate_mode', f'must be one of {GATE_MODES}')
     if self.dtype not in DTYPES:
       bad('dtype', f'must be one of {DTYPES}')
-    if self.param_dtype != 'float32':
-      bad('param_dtype', 'only float32 parameters are supported (compute dtype is `dtype`)')
     if self.attention_impl not in ATTENTION_IMPLS:
       bad('attention_impl', f'must be one of {ATTENTION_IMPLS}')
     if self.remat not in REMAT_POLICIES:
@@ -100,11 +101,15 @@ class ModelConfig:
     """Builds from a mapping (e.g. an ml_collections ConfigDict), rejecting unknown keys."""
     if hasattr(d, 'to_dict'):
       d = d.to_dict()
+    d = dict(d)
+    for name, only in _RETIRED_FIELDS.items():  # configs saved by earlier versions
+      if name in d and d.pop(name) != only:
+        raise ValueError(f'ModelConfig: {name} must be {only!r} (the field is retired)')
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
       raise ValueError(f'ModelConfig: unknown field(s) {unknown}; known fields are {sorted(names)}')
-    return cls(**dict(d))
+    return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

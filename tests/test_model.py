@@ -322,3 +322,10 @@ def test_unknown_config_key_is_rejected():
     ModelConfig.from_dict({**TINY_MODEL, **TINY, 'num_loop': 2})
 
 
+def test_retired_param_dtype_is_read_only_at_its_value():
+  fields = {**TINY_MODEL, **TINY}
+  assert ModelConfig.from_dict({**fields, 'param_dtype': 'float32'}) == ModelConfig(**fields)
+  with pytest.raises(ValueError, match="param_dtype must be 'float32'"):
+    ModelConfig.from_dict({**fields, 'param_dtype': 'bfloat16'})
+
+
