@@ -36,10 +36,10 @@ train: install
 	$(PY) -m experiments.pretrain --config=configs/r2.py
 
 test: install sysdeps
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
 test-unit: install sysdeps
-	$(PY) -m pytest -q -n 2 --durations=10 --ignore=tests/integration tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=10 --ignore=tests/integration tests
 
 # Regenerate the locks from today's newest releases (3.12 where a python3.12 exists), then run
 # `make test` on the new lock before committing it.

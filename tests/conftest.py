@@ -1,11 +1,20 @@
-"""Test setup for tests/ and tests/integration/: 8 fake CPU devices (for sharding tests), float32
-matmuls, the repo and tests/ (helpers.py) on sys.path; the Cloud Storage emulator and a trained
-run, shared by the session."""
+"""Test setup for tests/ and tests/integration/: 8 fake CPU devices (for sharding tests), XLA
+without its backend optimisation in this process (fast compiles), float32 matmuls, the repo and
+tests/ (helpers.py) on sys.path; the Cloud Storage emulator and a trained run, shared by the
+session."""
 import json
 import os
 import sys
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# XLA's LLVM optimisation is most of the compile time of the many tiny programs the tests build,
+# and little of their run time, so this process compiles without it. The subprocesses the tests
+# start (training runs, the entry points) get XLA's default optimisation: that path stays tested.
+_DEVICE_FLAGS = '--xla_force_host_platform_device_count=8'
+_FAST_COMPILE_FLAGS = (_DEVICE_FLAGS + ' --xla_backend_optimization_level=0'
+                       ' --xla_llvm_disable_expensive_passes=true')
+# The marker survives into pytest-xdist's workers, which inherit the restored XLA_FLAGS below.
+if 'XLA_FLAGS' not in os.environ or os.environ.get('PLT_TESTS_FAST_COMPILE') == '1':
+  os.environ.update(XLA_FLAGS=_FAST_COMPILE_FLAGS, PLT_TESTS_FAST_COMPILE='1')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
@@ -15,6 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers.py
 import jax  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+jax.devices()  # the CPU client reads XLA_FLAGS here
+if os.environ.get('PLT_TESTS_FAST_COMPILE') == '1':
+  os.environ['XLA_FLAGS'] = _DEVICE_FLAGS
 
 
 # ------------------------------------------------------------------ Cloud Storage emulator

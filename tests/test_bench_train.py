@@ -129,22 +129,3 @@ def test_parse_args_checks_values():
   for bad in (['--shapes', 'huge'], ['--attention_impl', 'flash'], ['--loops', '0']):
     with pytest.raises(SystemExit):
       bench_train.parse_args(bad)
-
-
-def test_profile_case_groups_a_train_step_by_named_scope(tmp_path):
-  cfg = train_bench.model_config('tiny', 2, 'auto')
-  spec = train_bench.SHAPES['tiny']
-  batch = train_bench.random_batch(cfg.vocab_size, spec['batch'], spec['seq_len'], 0)
-  side = train_bench.JaxSide(cfg, train_bench.optimizer_config(), batch, 0)
-  prof = train_bench.profile_case(side, str(tmp_path / 'trace'), steps=2, top=5)
-  assert prof['steps'] == 2 and len(prof['ops']) == 5
-  assert all(r['ms_per_step'] > 0 for r in prof['ops'])
-  assert prof['wall_ms_per_step'] > 0 and prof['op_ms_per_step'] > 0
-  scopes = {r['scope']: r for r in prof['scopes']}
-  assert {'mlp fwd', 'mlp bwd', 'attention fwd', 'attention bwd', 'qkv fwd', 'head bwd',
-          'loss fwd', 'optimizer'} <= set(scopes), sorted(scopes)
-  assert 'unmatched' not in scopes
-  assert scopes['mlp fwd']['gflop'] > 0 and scopes['optimizer']['gflop'] == 0
-  # The parsed matmul FLOPs are part of XLA's own count (which adds elementwise work).
-  matmul = sum(r['gflop'] for r in prof['scopes'])
-  assert 0.5 * prof['xla_gflop_per_step'] < matmul <= prof['xla_gflop_per_step'] * 1.001

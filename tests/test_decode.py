@@ -5,7 +5,6 @@ W = 3, so prompts below, at and far beyond W are cheap. Every parameter (gates i
 randomised, so a gating or shift bug cannot hide behind zero-initialised weights.
 """
 import functools
-import json
 import shutil
 
 import jax
@@ -509,25 +508,3 @@ def test_generate_entry_point_rejects_bad_flags():
     main(['--random_init', 'default', '--prompt', 'x', '--temperature', '1', '--top_p', '2'])
   with pytest.raises(SystemExit, match='exactly one of'):
     main(['--prompt', 'x'])
-
-
-# ------------------------------------------------------------------------------------------------
-# The benchmarks' smoke runs (argparse entry points: safe to import together)
-def test_bench_decode_and_breakdown_small(tmp_path):
-  from experiments import bench_decode, bench_decode_breakdown  # pylint: disable=import-outside-toplevel
-  out = tmp_path / 'bench.json'
-  assert bench_decode.main(['--small', '--loops', '1,2', '--modes', 'plt,vanilla',
-                            '--out', str(out)]) == 0
-  res = json.load(open(out))
-  assert {(r['mode'], r['R']) for r in res['results']} == {
-      ('plt', 1), ('plt', 2), ('vanilla', 1), ('vanilla', 2)}
-  for r in res['results']:
-    assert r['kv_bytes'] == r['kv_bytes_formula'] and r['step_ms'] > 0
-  by = {(r['mode'], r['R']): r for r in res['results']}
-  assert by[('vanilla', 2)]['kv_bytes'] == 2 * by[('vanilla', 1)]['kv_bytes']
-  assert 'plt_R2/plt_R1' in res['ratios']['batch1']
-  out2 = tmp_path / 'breakdown.json'
-  assert bench_decode_breakdown.main(['--small', '--loops', '1,2', '--out', str(out2)]) == 0
-  rows = json.load(open(out2))['results']
-  assert [r['R'] for r in rows] == [1, 2] and rows[0]['step_over_r1'] == 1.0
-  assert all(r['step_ms'] > 0 and r['projections_ms'] > 0 for r in rows)

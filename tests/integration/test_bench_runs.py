@@ -1,12 +1,14 @@
-"""experiments.bench_train end to end at the tiny shape: plt_jax and PyTorch train the same model
-from the same weights and tokens, and the JSON and the printed table report every side."""
+"""The benchmarks' smoke runs: experiments.bench_train end to end at the tiny shape (plt_jax and
+PyTorch train the same model from the same weights and tokens, and the JSON and the printed table
+report every side), its profiler, and bench_decode with its breakdown on a tiny model."""
 import json
 import math
 import os
 
 import pytest
 
-from experiments import bench_train
+from experiments import bench_decode, bench_decode_breakdown, bench_train
+from experiments.bench import train as train_bench
 
 
 def _rel(a, b):
@@ -54,3 +56,41 @@ def test_end_to_end_same_model_both_sides(tmp_path, capsys):
   assert 'auto/torch' in table[0] and 'xla/torch' in table[0] and 'torch ms' in table[0]
   assert len(table[2].split()) == 3 + 2 * 3 + 2          # shape R params, 3 sides, 2 ratios
   assert float(table[3].split()[-1]) == pytest.approx(recs[1]['ratio']['xla'], abs=0.006)
+
+
+def test_profile_case_groups_a_train_step_by_named_scope(tmp_path):
+  cfg = train_bench.model_config('tiny', 2, 'auto')
+  spec = train_bench.SHAPES['tiny']
+  batch = train_bench.random_batch(cfg.vocab_size, spec['batch'], spec['seq_len'], 0)
+  side = train_bench.JaxSide(cfg, train_bench.optimizer_config(), batch, 0)
+  prof = train_bench.profile_case(side, str(tmp_path / 'trace'), steps=2, top=5)
+  assert prof['steps'] == 2 and len(prof['ops']) == 5
+  assert all(r['ms_per_step'] > 0 for r in prof['ops'])
+  assert prof['wall_ms_per_step'] > 0 and prof['op_ms_per_step'] > 0
+  scopes = {r['scope']: r for r in prof['scopes']}
+  assert {'mlp fwd', 'mlp bwd', 'attention fwd', 'attention bwd', 'qkv fwd', 'head bwd',
+          'loss fwd', 'optimizer'} <= set(scopes), sorted(scopes)
+  assert 'unmatched' not in scopes
+  assert scopes['mlp fwd']['gflop'] > 0 and scopes['optimizer']['gflop'] == 0
+  # The parsed matmul FLOPs are part of XLA's own count (which adds elementwise work).
+  matmul = sum(r['gflop'] for r in prof['scopes'])
+  assert 0.5 * prof['xla_gflop_per_step'] < matmul <= prof['xla_gflop_per_step'] * 1.001
+
+
+def test_bench_decode_and_breakdown_small(tmp_path):
+  out = tmp_path / 'bench.json'
+  assert bench_decode.main(['--small', '--loops', '1,2', '--modes', 'plt,vanilla',
+                            '--out', str(out)]) == 0
+  res = json.load(open(out))
+  assert {(r['mode'], r['R']) for r in res['results']} == {
+      ('plt', 1), ('plt', 2), ('vanilla', 1), ('vanilla', 2)}
+  for r in res['results']:
+    assert r['kv_bytes'] == r['kv_bytes_formula'] and r['step_ms'] > 0
+  by = {(r['mode'], r['R']): r for r in res['results']}
+  assert by[('vanilla', 2)]['kv_bytes'] == 2 * by[('vanilla', 1)]['kv_bytes']
+  assert 'plt_R2/plt_R1' in res['ratios']['batch1']
+  out2 = tmp_path / 'breakdown.json'
+  assert bench_decode_breakdown.main(['--small', '--loops', '1,2', '--out', str(out2)]) == 0
+  rows = json.load(open(out2))['results']
+  assert [r['R'] for r in rows] == [1, 2] and rows[0]['step_over_r1'] == 1.0
+  assert all(r['step_ms'] > 0 and r['projections_ms'] > 0 for r in rows)
