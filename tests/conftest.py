@@ -1,32 +1,48 @@
-"""Test setup for tests/ and tests/integration/: 8 fake CPU devices (for sharding tests), XLA
-without its backend optimisation in this process (fast compiles), float32 matmuls, the repo and
-tests/ (helpers.py) on sys.path; the Cloud Storage emulator and a trained run, shared by the
-session."""
+"""Test setup for tests/ and tests/integration/: 8 fake CPU devices (for sharding tests), float32
+matmuls, fast compiles for unit-only runs, the repo and tests/ (helpers.py) on sys.path; the Cloud
+Storage emulator and a trained run, shared by the session."""
 import json
 import os
 import sys
 
-# XLA's LLVM optimisation is most of the compile time of the many tiny programs the tests build,
-# and little of their run time, so this process compiles without it. The subprocesses the tests
-# start (training runs, the entry points) get XLA's default optimisation: that path stays tested.
 _DEVICE_FLAGS = '--xla_force_host_platform_device_count=8'
-_FAST_COMPILE_FLAGS = (_DEVICE_FLAGS + ' --xla_backend_optimization_level=0'
-                       ' --xla_llvm_disable_expensive_passes=true')
-# The marker survives into pytest-xdist's workers, which inherit the restored XLA_FLAGS below.
-if 'XLA_FLAGS' not in os.environ or os.environ.get('PLT_TESTS_FAST_COMPILE') == '1':
-  os.environ.update(XLA_FLAGS=_FAST_COMPILE_FLAGS, PLT_TESTS_FAST_COMPILE='1')
+os.environ.setdefault('XLA_FLAGS', _DEVICE_FLAGS)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers.py
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+_INTEGRATION = os.path.join(_TESTS, 'integration')
+sys.path.insert(0, os.path.dirname(_TESTS))
+sys.path.insert(0, _TESTS)  # helpers.py
 
 import jax  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
-jax.devices()  # the CPU client reads XLA_FLAGS here
-if os.environ.get('PLT_TESTS_FAST_COMPILE') == '1':
-  os.environ['XLA_FLAGS'] = _DEVICE_FLAGS
+
+
+def _collects_integration(config) -> bool:
+  ignored = {os.path.abspath(p) for p in config.getoption('ignore') or ()}
+  for arg in config.args:
+    path = os.path.abspath(str(arg).split('::')[0])
+    if path == _INTEGRATION or path.startswith(_INTEGRATION + os.sep):
+      return True
+    if _INTEGRATION.startswith(path + os.sep) and _INTEGRATION not in ignored:
+      return True
+  return False
+
+
+def pytest_configure(config):
+  """Runs without tests/integration/ compile with XLA's backend optimisation off: it is most of
+  the compile time of the hundreds of tiny programs the unit tests build, and little of their run
+  time. Runs that include tests/integration/ keep XLA's default, because those tests compare this
+  process's numbers bit for bit with training runs in subprocesses, which compile as users do."""
+  config.fast_compile = (os.environ['XLA_FLAGS'] == _DEVICE_FLAGS
+                         and not _collects_integration(config))
+  if config.fast_compile:
+    os.environ['XLA_FLAGS'] = (_DEVICE_FLAGS + ' --xla_backend_optimization_level=0'
+                               ' --xla_llvm_disable_expensive_passes=true')
+    jax.devices()  # the CPU client reads XLA_FLAGS here, once
+    os.environ['XLA_FLAGS'] = _DEVICE_FLAGS  # subprocesses compile as users do
 
 
 # ------------------------------------------------------------------ Cloud Storage emulator
