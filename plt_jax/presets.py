@@ -189,8 +189,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def _preset(name: Optional[str], default: str) -> Preset:
-  name = name or default
+def _preset(name: str) -> Preset:
   if name not in PRESETS:
     raise ValueError(f'unknown preset {name!r}; choose one of {sorted(PRESETS)}')
   return PRESETS[name]
@@ -204,7 +203,7 @@ def get_config(name: Optional[str] = 'default', *,
                num_loops: int = 2) -> ml_collections.ConfigDict:
   """The pretraining config of preset `name` (None: 'default') with `num_loops` loops."""
   name = name or 'default'
-  preset = _preset(name, 'default')
+  preset = _preset(name)
   cfg = ml_collections.ConfigDict()
   cfg.preset = name
   cfg.seed = 0
@@ -240,6 +239,6 @@ def sweep_config(name: Optional[str] = 'sweep') -> ml_collections.ConfigDict:
   """The loop-count sweep of preset `name` (None: 'sweep'): its run config and sweep section."""
   name = name or 'sweep'
   cfg = get_config(name, num_loops=2)
-  sweep = _preset(name, 'sweep').sweep or SweepSection()
+  sweep = PRESETS[name].sweep or SweepSection()  # get_config checked the name
   cfg.sweep = ml_collections.ConfigDict(dataclasses.asdict(sweep))
   return cfg
