@@ -34,13 +34,15 @@ def _collects_integration(config) -> bool:
 def pytest_configure(config):
   """Runs without tests/integration/ compile with XLA's backend optimisation off: it is most of
   the compile time of the hundreds of tiny programs the unit tests build, and little of their run
-  time. Runs that include tests/integration/ keep XLA's default, because those tests compare this
+  time. The same holds for the CPU backend's MLIR fusion emitters (the classic emitters compile
+  faster). Runs that include tests/integration/ keep XLA's default, because those tests compare this
   process's numbers bit for bit with training runs in subprocesses, which compile as users do."""
   config.fast_compile = (os.environ['XLA_FLAGS'] == _DEVICE_FLAGS
                          and not _collects_integration(config))
   if config.fast_compile:
     os.environ['XLA_FLAGS'] = (_DEVICE_FLAGS + ' --xla_backend_optimization_level=0'
-                               ' --xla_llvm_disable_expensive_passes=true')
+                               ' --xla_llvm_disable_expensive_passes=true'
+                               ' --xla_cpu_use_fusion_emitters=false')
     jax.devices()  # the CPU client reads XLA_FLAGS here, once
     os.environ['XLA_FLAGS'] = _DEVICE_FLAGS  # subprocesses compile as users do
 
