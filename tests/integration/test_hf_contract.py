@@ -395,3 +395,25 @@ def test_torch_export_with_an_attention_mask(name):
     got2 = program.module()(input_ids=ids, attention_mask=mask2, use_cache=False)
   got2 = got2['logits'] if isinstance(got2, dict) else got2.logits
   torch.testing.assert_close(got2, want2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('rows', [2, 5, 8, 9])
+def test_few_row_products_equal_the_plain_layers(rows):
+  """Decode's few-row path (W x^T on the CPU) gives the layers' own products, and is taken only
+  for 2..8 float32 rows of plain, hook-free layers."""
+  model = make_torch('r3_query', seed=21)
+  layer = model.model.layers[0]
+  x = torch.randn(1, rows, model.config.hidden_size)
+  with torch.no_grad():
+    fast = layer.mlp(x)
+    plain = layer.mlp.down_proj(torch.nn.functional.silu(layer.mlp.gate_proj(x))
+                                * layer.mlp.up_proj(x))
+  np.testing.assert_allclose(fast.numpy(), plain.numpy(), rtol=1e-5, atol=1e-6)
+  mlp = (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+  assert modeling_plt._few_rows(x, rows, *mlp) == (rows <= 8)  # pylint: disable=protected-access
+  assert not modeling_plt._few_rows(x.double(), rows, *mlp)  # pylint: disable=protected-access
+  handle = layer.mlp.up_proj.register_forward_hook(lambda *a: None)
+  try:
+    assert not modeling_plt._few_rows(x, rows, *mlp)  # pylint: disable=protected-access
+  finally:
+    handle.remove()

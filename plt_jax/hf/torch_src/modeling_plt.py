@@ -72,6 +72,24 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
   return x if x.dtype == torch.float32 else x.float()
 
 
+FEW_ROWS = 8
+
+
+def _few_rows(x: torch.Tensor, rows: int, *layers: nn.Linear) -> bool:
+  """Whether the products of `rows` rows of `x` with `layers` take the transposed path: W x^T
+  instead of x W^T.
+
+  A decode step of R loops multiplies R rows by each weight. For a few float32 rows on the CPU,
+  BLAS reads W once as the left operand of W x^T, where x W^T repacks W for every product and
+  costs about twice the one-row product. The right operand x^T is a transposed view of
+  row-major rows: BLAS reads that layout several times faster than a row-major [features, rows]
+  one. More rows, other dtypes or devices, and wrapped or hooked layers take the
+  plain path."""
+  return (2 <= rows <= FEW_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
+          and all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == torch.float32
+                  and not (m._forward_hooks or m._forward_pre_hooks) for m in layers))
+
+
 # ---------------------------------------------------------------------------------- building blocks
 class PLTRMSNorm(nn.Module):
   """y = x / rms(x) * w, computed in float32, returned in x's dtype."""
@@ -140,6 +158,11 @@ class PLTMLP(nn.Module):
     self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
+    if _few_rows(x, x.numel() // max(1, x.shape[-1]), self.gate_proj, self.up_proj, self.down_proj):
+      xt = x.reshape(-1, x.shape[-1]).t()
+      ht = F.silu(torch.mm(self.gate_proj.weight, xt)) * torch.mm(self.up_proj.weight, xt)
+      ht = ht.t().contiguous().t()  # column-major, as BLAS reads a right operand fastest
+      return torch.mm(self.down_proj.weight, ht).t().reshape(x.shape)
     return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -186,13 +209,22 @@ class PLTAttention(nn.Module):
   def project(self, u: torch.Tensor, rope: Rope):
     """Post-RoPE q [B, H, S, E], k [B, K, S, E] and v [B, K, S, E]."""
     b, s, _ = u.shape
-    q = self.q_proj(u).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-    k = self.k_proj(u).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-    v = self.v_proj(u).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    h, kh, e = self.num_heads, self.num_kv_heads, self.head_dim
+    if _few_rows(u, b * s, self.q_proj, self.k_proj, self.v_proj):
+      ut = u.reshape(b * s, -1).t()
+      q, k, v = (torch.mm(m.weight, ut).view(n, e, b, s).permute(2, 0, 3, 1)
+                 for m, n in ((self.q_proj, h), (self.k_proj, kh), (self.v_proj, kh)))
+    else:
+      q = self.q_proj(u).view(b, s, h, e).transpose(1, 2)
+      k = self.k_proj(u).view(b, s, kh, e).transpose(1, 2)
+      v = self.v_proj(u).view(b, s, kh, e).transpose(1, 2)
     return rope(q), rope(k), v
 
   def out(self, y: torch.Tensor) -> torch.Tensor:
     b, h, s, e = y.shape
+    if _few_rows(y, b * s, self.o_proj):
+      yt = y.transpose(1, 2).reshape(b * s, h * e).t()
+      return torch.mm(self.o_proj.weight, yt).t().reshape(b, s, -1)
     return self.o_proj(y.transpose(1, 2).reshape(b, s, h * e))
 
 
