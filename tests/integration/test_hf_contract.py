@@ -1,10 +1,8 @@
-"""The exported PyTorch PLT against what transformers' users and tools expect of a causal LM.
+"""The exported PyTorch PLT against what transformers' users and tools expect of a causal LM,
+where the answer is a number (transformers' own common tests run in test_hf_mixins.py).
 
-transformers' ModelTesterMixin / GenerationTesterMixin cannot run here or in CI: the PyPI sdist
-ships tests/test_modeling_common.py but not tests/generation/ or tests/exporters/, which it imports.
-This file checks the same contract points instead, on tiny random PLTs (R=2 hidden gate, R=3 query
-gate with MQA, vanilla R=2, and R=1 against transformers' own Llama), with windows small enough for
-the ring to wrap:
+Checked on tiny random PLTs (R=2 hidden gate, R=3 query gate with MQA, vanilla R=2, and R=1
+against transformers' own Llama), with windows small enough for the ring to wrap:
 
   training:   the Trainer's `num_items_in_batch` (gradient accumulation), `shift_labels`, packed
               rows (position_ids restarting inside a row, TRL's padding-free batches)
