@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -33,9 +34,8 @@ _STANDINS = {  # the imports test_modeling_common needs from the packages the sd
 
 
 def cache_dir() -> str:
-  root = os.environ.get('PLT_HF_TESTS_CACHE') or os.path.join(
+  return os.environ.get('PLT_HF_TESTS_CACHE') or os.path.join(
       os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'plt_jax', 'hf-tests')
-  return root
 
 
 def _sdist(version: str) -> str:
@@ -59,31 +59,29 @@ def _sdist(version: str) -> str:
 
 
 def load(version: str):
-  """(ModelTesterMixin, ConfigTester, the module of test_modeling_common) for `version`."""
+  """(ModelTesterMixin, ConfigTester) of transformers `version`."""
   root = os.path.join(cache_dir(), version, 'unpacked')
   pkg = os.path.join(root, PACKAGE)
   if not os.path.exists(os.path.join(pkg, '__init__.py')):
     sdist = _sdist(version)
     tmp_root = tempfile.mkdtemp(dir=os.path.dirname(sdist))
+    files = {rel: text.encode() for rel, text in _STANDINS.items()}
+    files.update({os.path.join(os.path.dirname(rel), '__init__.py'): b'' for rel in files})
+    files['__init__.py'] = b''
     with tarfile.open(sdist) as tar:
       for name in _FILES:
-        member = tar.getmember(f'transformers-{version}/tests/{name}')
-        data = tar.extractfile(member).read()
-        os.makedirs(os.path.join(tmp_root, PACKAGE), exist_ok=True)
-        with open(os.path.join(tmp_root, PACKAGE, name), 'wb') as f:
-          f.write(data)
-    for rel, text in {**_STANDINS, '__init__.py': '', 'exporters/__init__.py': '',
-                      'generation/__init__.py': '', 'utils/__init__.py': ''}.items():
+        files[name] = tar.extractfile(f'transformers-{version}/tests/{name}').read()
+    for rel, data in files.items():
       target = os.path.join(tmp_root, PACKAGE, rel)
       os.makedirs(os.path.dirname(target), exist_ok=True)
-      with open(target, 'w') as f:
-        f.write(text)
+      with open(target, 'wb') as f:
+        f.write(data)
     try:
       os.rename(tmp_root, root)
     except OSError:  # another worker unpacked it first
-      pass
+      shutil.rmtree(tmp_root, ignore_errors=True)
   if root not in sys.path:
     sys.path.insert(0, root)
   modeling = importlib.import_module(f'{PACKAGE}.test_modeling_common')
   configuration = importlib.import_module(f'{PACKAGE}.test_configuration_common')
-  return modeling.ModelTesterMixin, configuration.ConfigTester, modeling
+  return modeling.ModelTesterMixin, configuration.ConfigTester

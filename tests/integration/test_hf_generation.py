@@ -22,17 +22,11 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from test_hf_contract import CONFIGS, make_torch, tokens  # pylint: disable=g-import-not-at-top,wrong-import-position
+# one_thread: test_hf_contract's module-wide autouse fixture, used here too.
+# pylint: disable-next=g-import-not-at-top,wrong-import-position,unused-import
+from test_hf_contract import CONFIGS, make_torch, one_thread, tokens  # noqa: F401
 
 NEW = 7  # generated tokens: past every ring's wrap
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
 
 
 def gen(model, ids, **kw):

@@ -12,7 +12,6 @@ hidden_states holds R * (L + 1) tensors and attentions R * L, loop by loop; the 
 Every mixin test that does not apply is skipped in `SKIPS` with its reason. Generation is checked
 by tests/integration/test_hf_generation.py, since `GenerationTesterMixin` is not in the sdist.
 """
-import os
 import unittest
 
 import numpy as np
@@ -26,7 +25,7 @@ from plt_jax.hf.torch_src import configuration_plt  # pylint: disable=wrong-impo
 from plt_jax.hf.torch_src import modeling_plt  # pylint: disable=wrong-import-position
 
 try:
-  ModelTesterMixin, ConfigTester, _common = hf_upstream.load(transformers.__version__)
+  ModelTesterMixin, ConfigTester = hf_upstream.load(transformers.__version__)
 except Exception as e:  # pylint: disable=broad-except
   pytest.skip(f"transformers {transformers.__version__}'s own tests are not available: {e}",
               allow_module_level=True)
